@@ -1,0 +1,206 @@
+"""Typed configuration for every megaflow stage.
+
+Pydantic does the validation; every section forbids unknown keys so a typo is an error, not a silently
+ignored setting. Cross-section rules (TP divides heads, sequence fits the model) live in `StageConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    dir: str = "runs/run"
+    log_every: int = Field(1, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class RopeScaling(Section):
+    """Llama-3.1 style frequency scaling (megatron fixes low/high factors 1/4 and original context 8192)."""
+
+    type: Literal["llama3"] = "llama3"
+    factor: float = Field(8.0, gt=0)
+
+
+class ModelConfig(Section):
+    """Covers the Llama family (RoPE, RMSNorm, SwiGLU, GQA) and the GPT-2 family (learned positions,
+    LayerNorm, GELU, biases)."""
+
+    preset: str | None = None
+    family: Literal["llama", "gpt2"] = "llama"
+    vocab_size: int = Field(4096, ge=2)
+    make_vocab_size_divisible_by: int = Field(128, ge=1)
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(8, ge=1)
+    num_query_groups: int | None = Field(None, ge=1)
+    kv_channels: int | None = Field(None, ge=1)
+    ffn_hidden_size: int = Field(384, ge=1)
+    max_position_embeddings: int = Field(256, ge=1)
+    position_embedding: Literal["rope", "learned"] = "rope"
+    rotary_base: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = None
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = Field(1e-5, gt=0)
+    activation: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    tie_embeddings: bool = False
+    init_method_std: float = Field(0.02, gt=0)
+    hidden_dropout: float = Field(0.0, ge=0, le=1)
+    attention_dropout: float = Field(0.0, ge=0, le=1)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads}) or set model.kv_channels"
+            )
+        if self.num_attention_heads % self.query_groups:
+            raise ValueError(
+                f"model.num_query_groups ({self.query_groups}) must divide "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        return self
+
+
+class TrainIfMissing(Section):
+    input: list[str]
+    vocab_size: int = Field(4096, ge=260)
+
+
+class TokenizerConfig(Section):
+    path: str | None = None
+    train_if_missing: TrainIfMissing | None = None
+
+
+class DataSource(Section):
+    """A raw file (txt, jsonl, jsonl.gz, parquet; preprocessed on first use) or an indexed .bin/.idx prefix."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+    field: str = "text"
+
+
+class DataConfig(Section):
+    train: list[DataSource] = Field(default_factory=list)
+    split: list[float] = Field(default_factory=lambda: [98.0, 1.0, 1.0])
+    seq_length: int = Field(256, ge=2)
+    cache_dir: str | None = None
+    workers: int = Field(1, ge=1)
+    split_documents_on: Literal["blank_line", "none"] = "blank_line"
+    invalid_utf8: Literal["replace", "error"] = "replace"
+
+    @model_validator(mode="after")
+    def _split(self) -> "DataConfig":
+        if len(self.split) != 3 or any(s < 0 for s in self.split) or sum(self.split) <= 0:
+            raise ValueError(f"data.split must be three non-negative weights (train, valid, test), got {self.split}")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    wsd_decay_steps: int | None = Field(None, ge=0)
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0)
+    seed: int = 1234
+    max_minutes: float | None = Field(None, gt=0)
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0)
+    iters: int = Field(10, ge=1)
+    final: bool = True
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0)
+    keep: int = Field(2, ge=1)
+    resume: bool = True
+
+
+class ParallelConfig(Section):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    vpp: int | None = Field(None, ge=1)
+    sp: bool = False
+    cp: int = Field(1, ge=1)
+    dp: int | None = Field(None, ge=1)
+    distributed_optimizer: bool = False
+
+    @model_validator(mode="after")
+    def _sp(self) -> "ParallelConfig":
+        if self.sp and self.tp == 1:
+            raise ValueError("parallel.sp=true requires parallel.tp > 1")
+        return self
+
+
+class StageConfig(Section):
+    """One stage's whole configuration. `stage` is filled in by the command that runs it."""
+
+    stage: str = "pretrain"
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
+    init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "StageConfig":
+        m, p = self.model, self.parallel
+        if m.num_attention_heads % p.tp:
+            raise ValueError(
+                f"parallel.tp ({p.tp}) must divide model.num_attention_heads ({m.num_attention_heads})"
+            )
+        if m.query_groups % p.tp:
+            raise ValueError(f"parallel.tp ({p.tp}) must divide model.num_query_groups ({m.query_groups})")
+        if m.ffn_hidden_size % p.tp:
+            raise ValueError(f"parallel.tp ({p.tp}) must divide model.ffn_hidden_size ({m.ffn_hidden_size})")
+        layers_per = p.pp * (p.vpp or 1)
+        if m.num_layers % layers_per:
+            raise ValueError(
+                f"parallel.pp*vpp ({layers_per}) must divide model.num_layers ({m.num_layers})"
+            )
+        if self.data.seq_length > m.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_length ({self.data.seq_length}) exceeds the model's maximum "
+                f"model.max_position_embeddings ({m.max_position_embeddings})"
+            )
+        t = self.train
+        if t.global_batch_size % t.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size})"
+            )
+        if t.warmup_steps > t.steps:
+            raise ValueError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
+        return self

@@ -1,0 +1,9 @@
+"""User errors: bad config, bad data, missing files. The CLI prints one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """An error in what the user gave us (not a bug); its message is one line naming the key, file or line."""
+
+
+class DataError(UserError):
+    """Bad input data: the message names the file (and line, where there is one)."""

@@ -1,0 +1,184 @@
+"""ModelConfig -> megatron-core GPTModel.
+
+The local (pure megatron-core) layer spec on CPU, the Transformer Engine spec on GPU. megatron 0.19 marks
+GPTModel deprecated in favour of HybridModel, whose specs import Transformer Engine at module level; the
+choice is kept inside this file so that a later switch touches nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from megaflow.config.schema import ModelConfig, ParallelConfig
+from megaflow.runtime import cpu
+
+logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
+    """Megatron pads the embedding so every tensor-parallel shard has the same number of rows."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _activation(name: str):
+    return {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[name]
+
+
+def use_transformer_engine() -> bool:
+    if cpu.is_enabled() or not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: str = "fp32", fp8_recipe: str = "delayed"):
+    """The megatron TransformerConfig for a model shape, parallel layout and precision."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_cpu = cpu.is_enabled()
+    te = use_transformer_engine()
+    bf16 = precision in ("bf16", "fp8")
+    kwargs = {}
+    if precision == "fp8":
+        if not te:
+            raise ValueError("precision=fp8 needs Transformer Engine on a GPU")
+        kwargs.update(fp8="hybrid", fp8_recipe=fp8_recipe, fp8_param=False)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.kv_channels,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=_activation(model.activation),
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias or model.add_bias_linear,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp and parallel.vpp > 1 else None,
+        sequence_parallel=parallel.sp,
+        context_parallel_size=parallel.cp,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        # CPU: initialise full weights on the CPU generator and shard them, so every TP size starts equal.
+        use_cpu_initialization=on_cpu,
+        # Fusions need apex / TE / CUDA kernels.
+        bias_activation_fusion=te and model.activation == "swiglu",
+        masked_softmax_fusion=te,
+        bias_dropout_fusion=te,
+        apply_rope_fusion=te,
+        gradient_accumulation_fusion=te,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=te,
+        cross_entropy_fusion_impl="te" if te else "native",
+        # Interleaved pipelines over gloo are silently wrong with batched p2p (DESIGN §3).
+        batch_p2p_comm=not on_cpu,
+        deallocate_pipeline_outputs=True,
+        **kwargs,
+    )
+
+
+def layer_spec(model: ModelConfig, tcfg):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine():
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int) -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage owned by this rank (a list of one without VPP)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    spec = layer_spec(model, tcfg)
+    vpp = tcfg.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        chunk = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope" if model.position_embedding == "rope" else "learned_absolute",
+            rotary_base=int(model.rotary_base),
+            rope_scaling=model.rope_scaling is not None,
+            rope_scaling_factor=model.rope_scaling.factor if model.rope_scaling else 8.0,
+            vp_stage=vp_stage if vpp > 1 else None,
+        )
+        chunks.append(chunk)
+    if not cpu.is_enabled():
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
+    return chunks
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], tcfg, distributed_optimizer: bool = False) -> list[torch.nn.Module]:
+    """megatron DDP: contiguous fp32 grad buffers, bucketed all-reduce / reduce-scatter."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def count_parameters(model: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the whole (unsharded) model, computed from the shape."""
+    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    kv = model.kv_channels or h // model.num_attention_heads
+    q, g = model.num_attention_heads * kv, model.query_groups * kv
+    bias = model.add_bias_linear
+    attn = h * (q + 2 * g) + q * h + (q + 2 * g if (bias or model.add_qkv_bias) else 0) + (h if bias else 0)
+    mlp = h * f * (2 if model.activation == "swiglu" else 1) + f * h
+    mlp += (f * (2 if model.activation == "swiglu" else 1) + h) if bias else 0
+    norm = h * (2 if model.normalization == "LayerNorm" else 1)
+    per_layer = attn + mlp + 2 * norm
+    embed = vocab_size * h + (model.max_position_embeddings * h if model.position_embedding == "learned" else 0)
+    out = 0 if model.tie_embeddings else vocab_size * h
+    return L * per_layer + embed + out + norm
+
+
+def flops_per_step(model: ModelConfig, vocab_size: int, batch: int, seq: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one step, Megatron's formula with causal
+    attention counted at half: per layer QKV and output projections, 2*s*h attention scores and values,
+    the MLP; plus the logits layer."""
+    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    kv = model.kv_channels or h // model.num_attention_heads
+    q, g = model.num_attention_heads * kv, model.query_groups * kv
+    mlp_mats = 3 if model.activation == "swiglu" else 2
+    per_token_layer = 2 * (h * (q + 2 * g) + q * h + mlp_mats * h * f) + 2 * seq * q  # causal: half of 4*s*q
+    per_token = L * per_token_layer + 2 * h * vocab_size
+    return 3.0 * per_token * batch * seq
