@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one stage. Writes run.dir/STAGE/{config.yaml,metrics.jsonl,eval.json,checkpoints/,final/}.")
     p.add_argument("stage", choices=STAGES, help="the stage to train")
     p.add_argument("--config", "-c", required=True, help="stage YAML file (may `extends:` others)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50 parallel.tp=2")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, anywhere on the line, e.g. train.steps=50 parallel.tp=2")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     _add_launch(p)
 
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Evaluate a final or training checkpoint on a text file or indexed dataset.")
     p.add_argument("ckpt", help="a final/ directory or a checkpoints/iter_N directory")
-    p.add_argument("--data", required=True, help="text/jsonl/parquet file or indexed .bin/.idx prefix")
+    p.add_argument("--data", default=None,
+                   help="text/jsonl/parquet file or indexed .bin/.idx prefix (default: the checkpoint's own validation split)")
     p.add_argument("--metrics", default="ppl", help="comma-separated metrics (available: ppl)")
     p.add_argument("--seq-length", type=int, default=None, help="sequence length (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -146,7 +148,13 @@ COMMANDS = {"train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # Overrides may stand anywhere (argparse stops collecting positionals at the first option).
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

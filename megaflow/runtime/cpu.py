@@ -223,6 +223,11 @@ def enable() -> bool:
         return True
     if torch.cuda.is_available():
         return False
+    # megatron's jit_fuser is torch.compile; on a CPU compiling its small fusions costs ~20 s per process
+    # and buys nothing measurable.
+    from torch._dynamo import config as dynamo_config
+
+    dynamo_config.disable = True
     _patch_cuda_module()
     _patch_megatron()
     CudaToCpuMode().__enter__()  # stays active for the life of the process

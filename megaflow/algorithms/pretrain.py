@@ -1,0 +1,59 @@
+"""Stage 1: next-token prediction on raw text (indexed datasets, weighted blends, exact data position).
+
+The next-token hooks live in training/lm.py; this module supplies the datasets and the stage's flow.
+"""
+
+from __future__ import annotations
+
+import time
+
+from megaflow.config import StageConfig
+from megaflow.data.pretrain import BatchIterator, build_datasets, token_counts, unigram_perplexity
+from megaflow.runtime import distributed as dist
+from megaflow.training import checkpoint, stage
+from megaflow.training.engine import Trainer, data_parallel_rank_and_size
+from megaflow.training.lm import LanguageModelTask
+
+
+def _iterators(dataset, cfg: StageConfig, consumed: int, n_chunks: int) -> list[BatchIterator]:
+    dp_rank, dp_size = data_parallel_rank_and_size()
+    return [BatchIterator(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed) for _ in range(n_chunks)]
+
+
+def main(cfg: StageConfig) -> dict:
+    """`megaflow train pretrain`: tokenizer, data, model, loop, final eval and weights-only checkpoint."""
+    t_start = time.time()
+    stage.setup_runtime(cfg)
+    tokenizer, tokenizer_dir = stage.ensure_tokenizer(cfg)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    vocab = stage.model_vocab_size(cfg, tokenizer)
+    out_dir = stage.write_resolved_config(cfg)
+
+    t = cfg.train
+    n_eval = cfg.eval.iters * t.global_batch_size
+    evals = (t.steps // cfg.eval.every if cfg.eval.every else 0) + 1
+    train_ds, valid_ds, test_ds = build_datasets(cfg, tokenizer, tokenizer_dir, [t.steps * t.global_batch_size, n_eval * evals, n_eval])
+
+    trainer = Trainer(cfg, LanguageModelTask(), vocab, out_dir)
+    resumed = trainer.maybe_resume()
+    n_chunks = len(trainer.model)
+    make_valid = (lambda: _iterators(valid_ds, cfg, 0, n_chunks)) if valid_ds is not None else None
+    trainer.train(lambda consumed: _iterators(train_ds, cfg, consumed, n_chunks), make_valid)
+
+    result = {"step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "resumed": resumed}
+    if make_valid is not None and cfg.eval.final:
+        final = trainer.evaluate(make_valid, cfg.eval.iters)
+        result |= {"valid_loss": final["loss"], "valid_ppl": final["ppl"], "valid_tokens": final["tokens"]}
+        if dist.is_rank0():
+            result["unigram_ppl"] = unigram_perplexity(valid_ds, n_eval, token_counts(train_ds, vocab))
+            dist.print_rank0(f"valid ppl {final['ppl']:.2f} (unigram baseline {result['unigram_ppl']:.2f})")
+    parents = [cfg.init_from] if cfg.init_from else []
+    meta = stage.final_meta(cfg, vocab, trainer.state.step, trainer.state.tokens_seen, parents)
+    meta |= {"eval_samples": n_eval, "valid_samples_built": n_eval * evals}
+    checkpoint.save_final(out_dir / "final", trainer.model, meta, tokenizer)
+    result["minutes"] = (time.time() - t_start) / 60
+    trainer.write_json("eval.json", result)
+    trainer.close()
+    dist.print_rank0(f"final checkpoint -> {out_dir / 'final'}")
+    return result
+

@@ -1,0 +1,148 @@
+"""Pretraining data: raw files -> cached indexed datasets -> megatron's blended GPT datasets -> batches.
+
+Raw inputs (text, jsonl, parquet) are preprocessed once into `data.cache_dir` (default `run.dir/data`),
+keyed by the file's path, size and mtime and the tokenizer; an existing `.bin/.idx` prefix is used as is.
+megatron's BlendedMegatronDatasetBuilder does the weighted blend and the train/valid/test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megaflow.config.schema import StageConfig
+from megaflow.data.tokenizer import Tokenizer
+from megaflow.errors import DataError
+
+
+@dataclass
+class MegatronTokenizerView:
+    """The four attributes megatron's GPTDataset reads from a tokenizer."""
+
+    vocab_size: int
+    eod: int
+    pad: int
+    bos: int | None = None
+
+    @property
+    def unique_identifiers(self) -> dict:  # part of megatron's dataset cache key
+        return {"class": "megaflow.Tokenizer", "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
+
+
+def _is_indexed_prefix(path: str) -> str | None:
+    base = path.removesuffix(".bin").removesuffix(".idx")
+    if os.path.isfile(base + ".bin") and os.path.isfile(base + ".idx"):
+        return base
+    return None
+
+
+def _cache_key(path: Path, tokenizer_dir: str, field: str, split: str) -> str:
+    st = path.stat()
+    tok_file = Path(tokenizer_dir) / "tokenizer.json"
+    tok_sig = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else str(tokenizer_dir)
+    raw = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, tok_sig, field, split])
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str) -> list[tuple[str, float]]:
+    """(prefix, weight) for every `data.train` source, preprocessing raw files on rank 0 first."""
+    from megaflow.data.preprocess import preprocess
+
+    if not cfg.data.train:
+        raise DataError("data.train: no training data given")
+    cache_dir = Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data")
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    out = []
+    for i, src in enumerate(cfg.data.train):
+        prefix = _is_indexed_prefix(src.path)
+        if prefix is None:
+            path = Path(src.path)
+            if not path.is_file():
+                raise DataError(f"data.train[{i}].path: file not found: {src.path}")
+            key = _cache_key(path, tokenizer_dir, src.field, cfg.data.split_documents_on)
+            prefix = str(cache_dir / f"{path.name.split('.')[0]}-{key}")
+            if rank0 and _is_indexed_prefix(prefix) is None:
+                preprocess([str(path)], tokenizer_dir, prefix, workers=cfg.data.workers, field=src.field,
+                           split_documents_on=cfg.data.split_documents_on, invalid_utf8=cfg.data.invalid_utf8)
+        out.append((prefix, src.weight))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, num_samples: list[int]):
+    """Train, valid and test GPTDatasets (None where a split has no weight) with at least the given
+    numbers of samples; megatron's builder writes its shuffle indices next to the cached data."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes = indexed_prefixes(cfg, tokenizer_dir)
+    paths = [p for p, _ in prefixes]
+    weights = [w for _, w in prefixes] if len(prefixes) > 1 else None
+    view = MegatronTokenizerView(tokenizer.vocab_size, tokenizer.eod_id, tokenizer.pad_id, tokenizer.bos_id)
+    ds_cfg = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.data.seq_length,
+        blend=(paths, weights),
+        split=",".join(str(s) for s in cfg.data.split),
+        path_to_cache=str(Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data") / "index-cache"),
+        tokenizer=view,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    try:
+        return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, ds_cfg).build()
+    except AssertionError as e:
+        raise DataError(f"data: cannot build datasets from {paths}: {e or 'split too small for the sequence length'}") from None
+
+
+class BatchIterator:
+    """Endless iterator over one data-parallel rank's micro-batches, starting at `consumed_samples`.
+
+    Global batch k holds samples [k*G, (k+1)*G); rank r of D takes the r-th contiguous slice of each
+    micro-batch group, as megatron's pretraining sampler does, so the union over ranks is independent
+    of D (a DP2 run sees exactly the samples of a single-process run).
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
+        self.dataset = dataset
+        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        start = self.consumed_samples + self.dp_rank * self.mbs
+        idx = [(start + j) % len(self.dataset) for j in range(self.mbs)]
+        self.consumed_samples += self.mbs * self.dp_size
+        samples = [self.dataset[i] for i in idx]
+        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+
+
+def token_counts(dataset, vocab_size: int, max_samples: int = 20000) -> np.ndarray:
+    """Label-token frequencies over the first `max_samples` samples of a split."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(min(len(dataset), max_samples)):
+        counts += np.bincount(dataset[i]["labels"].numpy(), minlength=vocab_size)
+    return counts
+
+
+def unigram_perplexity(dataset, num_samples: int, train_counts: np.ndarray) -> float:
+    """Perplexity on `dataset` of a unigram model fitted to `train_counts` (add-one smoothed): the baseline
+    a language model must beat by a wide margin.
+
+        ppl = exp(-mean_t log p(x_t)),   p(v) = (c_v + 1) / (sum_v c_v + V)
+    """
+    labels = np.concatenate([dataset[i]["labels"].numpy() for i in range(min(num_samples, len(dataset)))])
+    probs = (train_counts + 1.0) / (train_counts.sum() + len(train_counts))
+    return float(np.exp(-np.log(probs[labels]).mean()))

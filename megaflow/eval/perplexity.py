@@ -1,0 +1,120 @@
+"""Perplexity of a checkpoint.
+
+Without `--data`, the checkpoint's own validation split is rebuilt from the config stored in its
+megaflow.json (same files, split, seed and sample count), so the number reproduces the stage's eval.json.
+With `--data`, a file (or indexed prefix) is cut into consecutive windows of `seq_length + 1` tokens.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megaflow.config import StageConfig
+from megaflow.config.loader import validate
+from megaflow.data.tokenizer import Tokenizer
+from megaflow.errors import UserError
+from megaflow.runtime import distributed as dist
+from megaflow.training import checkpoint, stage
+from megaflow.training.engine import build_model, data_parallel_rank_and_size, evaluate
+from megaflow.training.lm import LanguageModelTask
+
+
+class WindowDataset:
+    """Consecutive non-overlapping windows over all tokens of an indexed dataset (documents joined by
+    their end-of-document tokens); the last partial window is dropped."""
+
+    def __init__(self, prefix: str, seq_length: int):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        indexed = IndexedDataset(prefix)
+        self.tokens = np.concatenate([indexed[i] for i in range(len(indexed))]).astype(np.int64)
+        self.seq = seq_length
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        chunk = torch.from_numpy(self.tokens[i * self.seq : (i + 1) * self.seq + 1])
+        return {"tokens": chunk[:-1], "labels": chunk[1:], "loss_mask": torch.ones(self.seq)}
+
+
+class _Batches:
+    """This data-parallel rank's micro-batches of a finite dataset, in order."""
+
+    def __init__(self, dataset, mbs: int, dp_rank: int, dp_size: int):
+        self.dataset, self.mbs, self.dp_rank, self.dp_size, self.pos = dataset, mbs, dp_rank, dp_size, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = self.pos + self.dp_rank * self.mbs
+        self.pos += self.mbs * self.dp_size
+        samples = [self.dataset[i] for i in range(start, start + self.mbs)]
+        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+
+
+def _stage_config(meta: dict, seq_length: int | None, batch_size: int) -> StageConfig:
+    raw = dict(meta.get("config") or {})
+    raw.pop("parallel", None)
+    raw.setdefault("model", meta["model"])
+    cfg = validate(raw)
+    cfg.train.micro_batch_size = batch_size
+    cfg.train.global_batch_size = batch_size
+    if seq_length is not None:
+        cfg.data.seq_length = seq_length
+    return cfg
+
+
+def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | None = None, batch_size: int = 8,
+                        max_batches: int | None = None, quiet: bool = False) -> dict:
+    """Loss and perplexity of the weights in `ckpt` (a final/ directory) on `data` or its validation split."""
+    meta = checkpoint.read_meta(ckpt)
+    cfg = _stage_config(meta, seq_length, batch_size)
+    tokenizer = Tokenizer.load(str(Path(ckpt) / meta.get("tokenizer", "tokenizer")))
+    stage.setup_runtime(cfg)
+    dp_rank, dp_size = data_parallel_rank_and_size()
+
+    if data is None:
+        from megaflow.data.pretrain import build_datasets
+
+        # The same sample counts as the stage asked for, so megatron builds the same shuffle.
+        n, built = meta["eval_samples"], meta["valid_samples_built"]
+        _, dataset, _ = build_datasets(cfg, tokenizer, str(Path(ckpt) / "tokenizer"), [1, built, 1])
+        if dataset is None:
+            raise UserError(f"{ckpt}: its config has no validation split; pass --data")
+        n_samples, source = n, "validation split"
+    else:
+        from megaflow.data.pretrain import _is_indexed_prefix
+        from megaflow.data.preprocess import preprocess
+
+        prefix = _is_indexed_prefix(data)
+        tmp = None
+        if prefix is None:
+            if not Path(data).is_file():
+                raise UserError(f"--data: file not found: {data}")
+            tmp = tempfile.TemporaryDirectory(prefix="megaflow-eval-")
+            prefix = str(Path(tmp.name) / "eval")
+            if dist.is_rank0():
+                preprocess([data], str(Path(ckpt) / "tokenizer"), prefix)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+        dataset = WindowDataset(prefix, cfg.data.seq_length)
+        n_samples, source = len(dataset), data
+    per_batch = batch_size * dp_size
+    batches = n_samples // per_batch
+    if max_batches is not None:
+        batches = min(batches, max_batches)
+    if batches == 0:
+        raise UserError(f"--data: {source} holds fewer than {per_batch} windows of {cfg.data.seq_length} tokens")
+
+    model, _ = build_model(cfg, meta["padded_vocab_size"])
+    checkpoint.load_weights(ckpt, model)
+    iterators = [_Batches(dataset, batch_size, dp_rank, dp_size) for _ in model]
+    result = evaluate(model, LanguageModelTask(), iterators, batches, 1, cfg.data.seq_length, batch_size)
+    return {"data": source, "samples": batches * per_batch, "loss": result["loss"], "ppl": result["ppl"],
+            "tokens": result["tokens"]}

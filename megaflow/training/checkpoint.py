@@ -1,0 +1,188 @@
+"""Checkpoints on megatron dist_checkpointing (reshardable across TP / PP / DP).
+
+Layout (DESIGN §2):
+    STAGE/checkpoints/iter_NNNNNNN/   model, optimizer, scheduler, RNG, step, data position
+    STAGE/checkpoints/latest          name of the newest complete checkpoint, replaced atomically
+    STAGE/final/                      weights only + megaflow.json + tokenizer/
+
+A training checkpoint is written into `iter_NNNNNNN.tmp`, renamed into place when every rank is done,
+and only then named in `latest`; a directory without the rename is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megaflow.errors import UserError
+
+FORMAT = "megaflow/1"
+META_FILE = "megaflow.json"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    chunks = [_unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_sharded_object(state=None):
+    """This rank's RNG states (python, numpy, torch, megatron's tracker), one object per TP/PP rank."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if state is None:
+        state = {
+            "random": random.getstate(),
+            "np": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        }
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    return ShardedObject(
+        "rng_state", state,
+        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
+        (pp, tp), replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _training_state_dict(model_chunks, optimizer, scheduler, extra: dict, is_loading: bool) -> dict:
+    model_sd = model_sharded_state_dict(model_chunks)
+    state = dict(model_sd)
+    state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    state["scheduler"] = scheduler.state_dict()
+    state["rng_state"] = _rng_sharded_object()
+    state["extra"] = extra
+    return state
+
+
+def read_latest(ckpt_root: Path) -> Path | None:
+    latest = ckpt_root / "latest"
+    if not latest.is_file():
+        return None
+    path = ckpt_root / latest.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict, keep: int = 2) -> Path:
+    """Save a complete training checkpoint and point `latest` at it; keep the newest `keep`."""
+    from megatron.core import dist_checkpointing
+
+    name = f"iter_{step:07d}"
+    final, tmp = ckpt_root / name, ckpt_root / f"{name}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = _training_state_dict(model_chunks, optimizer, scheduler, {**extra, "step": step}, is_loading=False)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(ckpt_root / "latest", name + "\n")
+        done = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG in place; returns the `extra` dict (step, data position)."""
+    from megatron.core import dist_checkpointing
+
+    state = _training_state_dict(model_chunks, optimizer, scheduler, {}, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(ckpt_dir))
+    _load_model_state(model_chunks, loaded)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    _restore_rng(loaded["rng_state"])
+    return loaded["extra"]
+
+
+def _load_model_state(model_chunks, loaded: dict) -> None:
+    chunks = [_unwrap(c) for c in model_chunks]
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(loaded[key], strict=True)
+
+
+def save_final(final_dir: Path, model_chunks, meta: dict, tokenizer=None) -> Path:
+    """Weights-only checkpoint plus megaflow.json (model config, tokenizer, parents) and the tokenizer."""
+    from megatron.core import dist_checkpointing
+
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "weights").mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(tmp / "weights"))
+    _barrier()
+    if _rank() == 0:
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer"))
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp, final_dir)
+    _barrier()
+    return final_dir
+
+
+def read_meta(ckpt: str | Path) -> dict:
+    """megaflow.json of a final checkpoint (or of the final/ dir next to a training checkpoint)."""
+    path = Path(ckpt)
+    meta = path / META_FILE
+    if not meta.is_file():
+        raise UserError(f"{path}: not a megaflow checkpoint (no {META_FILE})")
+    return json.loads(meta.read_text())
+
+
+def load_weights(ckpt: str | Path, model_chunks) -> None:
+    """Load the weights of a final checkpoint (any TP/PP layout) into freshly built model chunks."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(ckpt)
+    weights = path / "weights" if (path / "weights").is_dir() else path
+    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(weights))
+    _load_model_state(model_chunks, loaded)

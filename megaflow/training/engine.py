@@ -1,0 +1,229 @@
+"""The one training engine every stage runs on.
+
+A stage (algorithms/) supplies a `Task`: `forward_step(data_iterator, model) -> (output, loss_func)` in
+megatron's schedule convention, where `loss_func(output) -> (loss_sum, num_tokens, {name: [sum, count]})`.
+The engine owns the rest: megatron DDP and optimizer, micro-batches through megatron's
+forward_backward_func (so pipeline parallelism needs no change here), LR schedule, evaluation,
+checkpoints, metrics and the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+from tqdm import tqdm
+
+from megaflow.config.schema import StageConfig
+from megaflow.models import gpt
+from megaflow.runtime import distributed as dist
+from megaflow.training import checkpoint
+from megaflow.training.metrics import MetricsWriter, peak_flops
+from megaflow.training.optimizer import build_optimizer, build_scheduler
+
+
+class Task(Protocol):
+    loss_names: tuple[str, ...]  # keys of the loss dict; the first is the loss that is optimised
+
+    def forward_step(self, data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]: ...
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    tokens_seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def data_parallel_rank_and_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def num_microbatches(cfg: StageConfig) -> int:
+    _, dp = data_parallel_rank_and_size()
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        from megaflow.errors import UserError
+
+        raise UserError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size * data-parallel size ({per_step})"
+        )
+    return cfg.train.global_batch_size // per_step
+
+
+def build_model(cfg: StageConfig, vocab_size: int):
+    """Model chunks (one per virtual pipeline stage) wrapped in megatron DDP, and their TransformerConfig."""
+    tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.fp8_recipe)
+    tcfg.calculate_per_token_loss = True
+    chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size)
+    return gpt.wrap_ddp(chunks, tcfg, cfg.parallel.distributed_optimizer), tcfg
+
+
+def _reduce_losses(losses: list[dict], names: tuple[str, ...]) -> dict[str, float]:
+    """Sum [loss_sum, count] pairs over micro-batches and the world. Only the last pipeline stage holds
+    losses, and its TP ranks hold the same ones, so TP rank 0 of that stage contributes for its DP rank;
+    every rank gets the same token-weighted means."""
+    from megatron.core import parallel_state
+
+    holder = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+              and parallel_state.get_tensor_model_parallel_rank() == 0)
+    totals = torch.zeros(len(names), 2, dtype=torch.float64, device=dist.device())
+    if holder:
+        for d in losses:
+            for i, name in enumerate(names):
+                totals[i] += d[name].detach().to(totals)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    means = {name: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
+    return means | {"_tokens": totals[0, 1].item()}
+
+
+def forward_backward(model, task: Task, data_iterators, n_micro: int, seq: int, mbs: int, forward_only: bool):
+    """megatron's schedule (no pipelining, 1F1B or interleaved, as parallel_state says) over one batch."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=task.forward_step,
+        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+        model=model,
+        num_microbatches=n_micro,
+        seq_length=seq,
+        micro_batch_size=mbs,
+        decoder_seq_length=seq,
+        forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, data_iterators, iters: int, n_micro: int, seq: int, mbs: int) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over `iters` batches of `n_micro` micro-batches."""
+    for chunk in model:
+        chunk.eval()
+    losses = []
+    for _ in range(iters):
+        losses += forward_backward(model, task, data_iterators, n_micro, seq, mbs, forward_only=True)
+    for chunk in model:
+        chunk.train()
+    reduced = _reduce_losses(losses, task.loss_names)
+    loss = reduced[task.loss_names[0]]
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(reduced["_tokens"])}
+
+
+class Trainer:
+    """Owns the model, optimizer and schedule of one stage and runs its loop."""
+
+    def __init__(self, cfg: StageConfig, task: Task, vocab_size: int, stage_dir: Path):
+        from megatron.core.distributed import finalize_model_grads
+
+        self.cfg, self.task, self.vocab_size, self.stage_dir = cfg, task, vocab_size, stage_dir
+        self.model, self.tcfg = build_model(cfg, vocab_size)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.tcfg.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.grad_scale_func = self.optimizer.scale_loss
+        self.num_microbatches = num_microbatches(cfg)
+        self.state = TrainState()
+        self.ckpt_root = stage_dir / "checkpoints"
+        self.is_writer = dist.is_rank0()
+        self.metrics = MetricsWriter(stage_dir if self.is_writer else None, cfg.run.tensorboard)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+        self.flops_per_step = gpt.flops_per_step(cfg.model, vocab_size, cfg.train.global_batch_size, cfg.data.seq_length)
+        self.peak = peak_flops() * world
+
+    # -- one step -------------------------------------------------------------------------------------
+
+    def _forward_backward(self, data_iterators, forward_only: bool) -> list[dict]:
+        return forward_backward(self.model, self.task, data_iterators, self.num_microbatches,
+                                self.cfg.data.seq_length, self.cfg.train.micro_batch_size, forward_only)
+
+    def train_step(self, data_iterators: list[Iterator]) -> dict[str, float]:
+        """Forward and backward over all micro-batches of one global batch, then one optimizer step."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._forward_backward(data_iterators, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        reduced = _reduce_losses(losses, self.task.loss_names)
+        main = self.task.loss_names[0]
+        return {
+            "loss": reduced[main],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": lr,
+            "update_ok": bool(ok),
+        } | {k: v for k, v in reduced.items() if k not in (main, "_tokens")}
+
+    def evaluate(self, make_iterators: Callable[[], list[Iterator]], iters: int) -> dict[str, float]:
+        return evaluate(self.model, self.task, make_iterators(), iters, self.num_microbatches,
+                        self.cfg.data.seq_length, self.cfg.train.micro_batch_size)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        extra = {"consumed_samples": self.state.consumed_samples, "tokens_seen": self.state.tokens_seen}
+        return checkpoint.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
+                                          self.scheduler, extra, keep=self.cfg.checkpoint.keep)
+
+    def maybe_resume(self) -> bool:
+        latest = checkpoint.read_latest(self.ckpt_root) if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return False
+        extra = checkpoint.load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
+        self.state = TrainState(extra["step"], extra["consumed_samples"], extra.get("tokens_seen", 0))
+        dist.print_rank0(f"resumed from {latest} at step {self.state.step}")
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def train(self, make_train_iterators: Callable[[int], list[Iterator]],
+              make_valid_iterators: Callable[[], list[Iterator]] | None) -> dict:
+        cfg = self.cfg
+        iterators = make_train_iterators(self.state.consumed_samples)
+        start_time = time.time()
+        bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
+                   disable=not (self.is_writer and cfg.run.progress))
+        last_eval = {}
+        while self.state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            m = self.train_step(iterators)
+            dt = time.perf_counter() - t0
+            self.state.step += 1
+            self.state.consumed_samples += cfg.train.global_batch_size
+            self.state.tokens_seen += self.tokens_per_step
+            m |= {"step_time": dt, "tok_per_s": self.tokens_per_step / dt,
+                  "mfu": self.flops_per_step / dt / self.peak, "tokens_seen": self.state.tokens_seen}
+            if self.state.step % cfg.run.log_every == 0 or self.state.step == cfg.train.steps:
+                self.metrics.log(self.state.step, m)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tok_per_s']:.0f}", mfu=f"{100 * m['mfu']:.1f}%")
+            if make_valid_iterators and cfg.eval.every and self.state.step % cfg.eval.every == 0:
+                last_eval = self.evaluate(make_valid_iterators, cfg.eval.iters)
+                self.metrics.log(self.state.step, last_eval, prefix="valid")
+                bar.write(f"step {self.state.step}: valid loss {last_eval['loss']:.4f} ppl {last_eval['ppl']:.2f}") if self.is_writer else None
+            if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
+                self.save()
+            if cfg.train.max_minutes and (time.time() - start_time) / 60 >= cfg.train.max_minutes:
+                dist.print_rank0(f"train.max_minutes ({cfg.train.max_minutes}) reached at step {self.state.step}: saving")
+                self.save()
+                break
+        bar.close()
+        return last_eval
+
+    def write_json(self, name: str, payload: dict) -> None:
+        if self.is_writer:
+            (self.stage_dir / name).write_text(json.dumps(payload, indent=2) + "\n")
+
+    def close(self) -> None:
+        self.metrics.close()

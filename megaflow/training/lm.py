@@ -1,0 +1,49 @@
+"""The next-token language-modelling hooks in megatron's schedule convention (get_batch, loss_func,
+forward_step). Pretraining uses them as they are; SFT reuses them with its own loss masks; perplexity
+evaluation runs them forward-only."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from megaflow.training.losses import masked_token_loss
+from megaflow.models import gpt
+from megaflow.runtime import distributed as dist
+
+
+@functools.cache
+def causal_mask(seq_length: int) -> torch.Tensor | None:
+    """The local (CPU) attention needs an explicit boolean mask (True = masked out); TE is causal by type."""
+    if gpt.use_transformer_engine():
+        return None
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)[None, None]
+
+
+class LanguageModelTask:
+    """Batches are dicts of `tokens`, `labels`, `loss_mask` ([batch, seq] each)."""
+
+    loss_names = ("lm loss",)
+
+    @staticmethod
+    def get_batch(data_iterator):
+        batch = next(data_iterator)
+        device = dist.device()
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        mask = causal_mask(tokens.shape[1])
+        return tokens, labels, loss_mask, (mask.to(device) if mask is not None else None), position_ids
+
+    @staticmethod
+    def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+        loss_sum, num_tokens = masked_token_loss(output_tensor, loss_mask)
+        report = torch.stack([loss_sum.detach(), num_tokens.float()])
+        return loss_sum, num_tokens, {"lm loss": report}
+
+    def forward_step(self, data_iterator, model):
+        tokens, labels, loss_mask, attention_mask, position_ids = self.get_batch(data_iterator)
+        output = model(tokens, position_ids, attention_mask, labels=labels)
+        return output, functools.partial(self.loss_func, loss_mask)

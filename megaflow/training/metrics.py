@@ -1,0 +1,85 @@
+"""Metrics: one JSON object per logged step in metrics.jsonl, TensorBoard scalars, and the peak FLOP/s
+that MFU is measured against."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Dense BF16 tensor-core peak of an H100/H200 SXM (the MFU convention of Megatron-LM and torchtitan).
+HOPPER_BF16_PEAK = 989e12
+
+
+@functools.cache
+def peak_flops(dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s that MFU is relative to: 989 TFLOP/s on an H100/H200, else a measured matmul peak."""
+    from megaflow.runtime import cpu
+
+    if torch.cuda.is_available() and not cpu.is_enabled():
+        name = torch.cuda.get_device_name()
+        if "H100" in name or "H200" in name or "GH200" in name:
+            return HOPPER_BF16_PEAK
+    return measured_matmul_flops(dtype)
+
+
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-N FLOP/s of an n x n x n matmul on the current device."""
+    from megaflow.runtime import cpu
+
+    on_gpu = torch.cuda.is_available() and not cpu.is_enabled()
+    device = "cuda" if on_gpu else "cpu"
+    if on_gpu:
+        n = 8192
+        dtype = torch.bfloat16
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if on_gpu:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+class MetricsWriter:
+    """Appends metrics to `metrics.jsonl` and TensorBoard; a no-op on ranks other than 0."""
+
+    def __init__(self, stage_dir: Path | None, tensorboard: bool = True):
+        self.enabled = stage_dir is not None
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(stage_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(stage_dir / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **({"split": prefix} if prefix != "train" else {}), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()

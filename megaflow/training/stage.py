@@ -1,0 +1,75 @@
+"""What every stage does before and after its loop: process setup, the stage directory with its resolved
+config, the tokenizer (trained on first use when the config asks for it), and the final checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megaflow.config import StageConfig, dump_config
+from megaflow.data.tokenizer import Tokenizer, train_tokenizer
+from megaflow.errors import UserError
+from megaflow.models.gpt import padded_vocab_size
+from megaflow.runtime import distributed as dist
+
+
+def stage_dir(cfg: StageConfig) -> Path:
+    return Path(cfg.run.dir) / cfg.stage
+
+
+def setup_runtime(cfg: StageConfig) -> None:
+    p = cfg.parallel
+    try:
+        env = dist.setup(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed)
+    except ValueError as e:
+        raise UserError(f"parallel: {e}") from None
+    if p.dp is not None and p.dp * p.tp * p.pp * p.cp != env.world_size:
+        raise UserError(f"parallel.dp ({p.dp}) * tp * pp * cp != world size ({env.world_size})")
+
+
+def ensure_tokenizer(cfg: StageConfig) -> tuple[Tokenizer, str]:
+    """Load `tokenizer.path`; train it first (rank 0) if it is missing and `train_if_missing` is set."""
+    path = cfg.tokenizer.path
+    if not path:
+        raise UserError("tokenizer.path: not set")
+    exists = Path(path).exists()
+    if not exists and cfg.tokenizer.train_if_missing is None:
+        raise UserError(f"tokenizer.path: not found: {path} (set tokenizer.train_if_missing to train one)")
+    if not exists and dist.is_rank0():
+        spec = cfg.tokenizer.train_if_missing
+        field = cfg.data.train[0].field if cfg.data.train else "text"
+        train_tokenizer(spec.input, spec.vocab_size, path, field=field)
+        dist.print_rank0(f"trained tokenizer ({spec.vocab_size} tokens) -> {path}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return Tokenizer.load(path), path
+
+
+def model_vocab_size(cfg: StageConfig, tokenizer: Tokenizer) -> int:
+    """The tokenizer defines the vocabulary; megatron pads it so TP shards are equal."""
+    return padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
+
+
+def write_resolved_config(cfg: StageConfig) -> Path:
+    out = stage_dir(cfg)
+    if dist.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    return out
+
+
+def final_meta(cfg: StageConfig, vocab_size: int, step: int, tokens_seen: int, parents: list[str]) -> dict:
+    return {
+        "stage": cfg.stage,
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "model": cfg.model.model_dump(mode="json"),
+        "padded_vocab_size": vocab_size,
+        "seq_length": cfg.data.seq_length,
+        "tokenizer": "tokenizer",
+        "parallel_at_save": cfg.parallel.model_dump(mode="json"),
+        "precision": cfg.precision,
+        "parents": parents,
+        "config": cfg.model_dump(mode="json"),
+    }

@@ -1,0 +1,59 @@
+"""Config loading: extends, presets, overrides and one-line validation errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from megaflow.config import ConfigError, load_config
+from tests.conftest import REPO
+
+TINY = REPO / "configs" / "stages" / "pretrain-tiny.yaml"
+
+
+def test_extends_and_overrides():
+    cfg = load_config(TINY, ["train.steps=50", "parallel.tp=2", "train.lr=1e-3"])
+    assert cfg.model.hidden_size == 128 and cfg.model.num_query_groups == 4  # from ../models/tiny.yaml
+    assert cfg.train.steps == 50 and cfg.parallel.tp == 2 and cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.data.train[0].path == "data/sample/tinyshakespeare.txt"
+
+
+def test_preset_by_name(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("model: {preset: gpt2-124m, num_layers: 2}\ndata: {seq_length: 128}\n")
+    cfg = load_config(f)
+    assert cfg.model.position_embedding == "learned" and cfg.model.tie_embeddings
+    assert cfg.model.num_layers == 2  # the file's own value wins over the preset
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.stepz=5"], "train.stepz: unknown config key"),
+        (["train.steps=abc"], "train.steps:"),
+        (["parallel.tp=3"], "parallel.tp (3) must divide model.num_attention_heads (8)"),
+        (["data.seq_length=512"], "data.seq_length (512) exceeds the model's maximum"),
+        (["model.preset=nosuch"], "model.preset: unknown preset 'nosuch'"),
+        (["parallel.sp=true"], "parallel.sp=true requires parallel.tp > 1"),
+        (["train.global_batch_size=20", "train.micro_batch_size=16"], "train.global_batch_size (20) must be a multiple"),
+        (["precision=fp16"], "precision:"),
+        (["justaword"], "expected key=value"),
+    ],
+)
+def test_bad_config_is_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    text = str(e.value)
+    assert message in text and "\n" not in text
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: 5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+    missing_parent = tmp_path / "child.yaml"
+    missing_parent.write_text("extends: parent.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*parent.yaml"):
+        load_config(missing_parent)
