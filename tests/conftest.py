@@ -34,3 +34,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords or "multi_gpu" in item.keywords:
             item.add_marker(skip)
+
+
+TEST_CONFIG = REPO / "configs" / "stages" / "pretrain-test.yaml"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """A scratch project directory holding the sample corpus at the path the stage configs name."""
+    root = tmp_path_factory.mktemp("work")
+    (root / "data" / "sample").mkdir(parents=True)
+    (root / "data" / "sample" / "tinyshakespeare.txt").symlink_to(SAMPLE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain(workdir) -> Path:
+    """The test variant of the embedded sample, trained once per session: returns its stage directory."""
+    proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir / "runs" / "tiny-test" / "pretrain"

@@ -6,13 +6,31 @@ The next-token hooks live in training/lm.py; this module supplies the datasets a
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from megaflow.config import StageConfig
+from megaflow.errors import UserError
 from megaflow.data.pretrain import BatchIterator, build_datasets, token_counts, unigram_perplexity
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, stage
 from megaflow.training.engine import Trainer, data_parallel_rank_and_size
 from megaflow.training.lm import LanguageModelTask
+
+
+def check_inputs(cfg: StageConfig) -> None:
+    """Fail before anything is written (or megatron imported) when an input file is missing."""
+    from megaflow.data.pretrain import indexed_prefix_of
+
+    if not cfg.data.train:
+        raise UserError("data.train: no training data given")
+    for i, src in enumerate(cfg.data.train):
+        if indexed_prefix_of(src.path) is None and not Path(src.path).is_file():
+            raise UserError(f"data.train[{i}].path: file not found: {src.path}")
+    spec = cfg.tokenizer.train_if_missing
+    if spec and not (cfg.tokenizer.path and Path(cfg.tokenizer.path).exists()):
+        for j, path in enumerate(spec.input):
+            if not Path(path).is_file():
+                raise UserError(f"tokenizer.train_if_missing.input[{j}]: file not found: {path}")
 
 
 def _iterators(dataset, cfg: StageConfig, consumed: int, n_chunks: int) -> list[BatchIterator]:
@@ -23,16 +41,17 @@ def _iterators(dataset, cfg: StageConfig, consumed: int, n_chunks: int) -> list[
 def main(cfg: StageConfig) -> dict:
     """`megaflow train pretrain`: tokenizer, data, model, loop, final eval and weights-only checkpoint."""
     t_start = time.time()
+    check_inputs(cfg)
     stage.setup_runtime(cfg)
     tokenizer, tokenizer_dir = stage.ensure_tokenizer(cfg)
     cfg.model.vocab_size = tokenizer.vocab_size
     vocab = stage.model_vocab_size(cfg, tokenizer)
-    out_dir = stage.write_resolved_config(cfg)
 
     t = cfg.train
     n_eval = cfg.eval.iters * t.global_batch_size
     evals = (t.steps // cfg.eval.every if cfg.eval.every else 0) + 1
     train_ds, valid_ds, test_ds = build_datasets(cfg, tokenizer, tokenizer_dir, [t.steps * t.global_batch_size, n_eval * evals, n_eval])
+    out_dir = stage.write_resolved_config(cfg)
 
     trainer = Trainer(cfg, LanguageModelTask(), vocab, out_dir)
     resumed = trainer.maybe_resume()

@@ -201,6 +201,6 @@ class StageConfig(Section):
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({t.micro_batch_size})"
             )
-        if t.warmup_steps > t.steps:
-            raise ValueError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
+        if t.warmup_steps and t.warmup_steps >= t.steps:
+            raise ValueError(f"train.warmup_steps ({t.warmup_steps}) must be smaller than train.steps ({t.steps})")
         return self

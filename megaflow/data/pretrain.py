@@ -35,7 +35,7 @@ class MegatronTokenizerView:
         return {"class": "megaflow.Tokenizer", "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
 
 
-def _is_indexed_prefix(path: str) -> str | None:
+def indexed_prefix_of(path: str) -> str | None:
     base = path.removesuffix(".bin").removesuffix(".idx")
     if os.path.isfile(base + ".bin") and os.path.isfile(base + ".idx"):
         return base
@@ -60,14 +60,14 @@ def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str) -> list[tuple[str, fl
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     out = []
     for i, src in enumerate(cfg.data.train):
-        prefix = _is_indexed_prefix(src.path)
+        prefix = indexed_prefix_of(src.path)
         if prefix is None:
             path = Path(src.path)
             if not path.is_file():
                 raise DataError(f"data.train[{i}].path: file not found: {src.path}")
             key = _cache_key(path, tokenizer_dir, src.field, cfg.data.split_documents_on)
             prefix = str(cache_dir / f"{path.name.split('.')[0]}-{key}")
-            if rank0 and _is_indexed_prefix(prefix) is None:
+            if rank0 and indexed_prefix_of(prefix) is None:
                 preprocess([str(path)], tokenizer_dir, prefix, workers=cfg.data.workers, field=src.field,
                            split_documents_on=cfg.data.split_documents_on, invalid_utf8=cfg.data.invalid_utf8)
         out.append((prefix, src.weight))

@@ -89,10 +89,10 @@ def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | No
             raise UserError(f"{ckpt}: its config has no validation split; pass --data")
         n_samples, source = n, "validation split"
     else:
-        from megaflow.data.pretrain import _is_indexed_prefix
+        from megaflow.data.pretrain import indexed_prefix_of
         from megaflow.data.preprocess import preprocess
 
-        prefix = _is_indexed_prefix(data)
+        prefix = indexed_prefix_of(data)
         tmp = None
         if prefix is None:
             if not Path(data).is_file():
