@@ -114,7 +114,7 @@ def transformer_config(shape: dict, precision: str, on_cpu: bool, te: bool):
         masked_softmax_fusion=te,
         bias_dropout_fusion=te,
         apply_rope_fusion=te,
-        gradient_accumulation_fusion=te,
+        gradient_accumulation_fusion=te and _has_fused_wgrad(),
         persist_layer_norm=False,
         cross_entropy_loss_fusion=te,
         cross_entropy_fusion_impl="te" if te else "native",
@@ -232,6 +232,14 @@ def build(shape: dict, precision: str = "fp32", micro_batch: int = 8, seq: int =
     return step
 
 
+def _has_fused_wgrad() -> bool:
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(common.SHAPES), default="small")
@@ -257,3 +265,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -39,6 +39,16 @@ def use_transformer_engine() -> bool:
     return True
 
 
+def has_fused_wgrad() -> bool:
+    """megatron's own (non-TE) output layer needs apex's fused weight-gradient kernel for
+    gradient_accumulation_fusion; the NVIDIA container has apex, a plain install does not."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: str = "fp32", fp8_recipe: str = "delayed"):
     """The megatron TransformerConfig for a model shape, parallel layout and precision."""
     from megatron.core.transformer import TransformerConfig
@@ -82,7 +92,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         masked_softmax_fusion=te,
         bias_dropout_fusion=te,
         apply_rope_fusion=te,
-        gradient_accumulation_fusion=te,
+        gradient_accumulation_fusion=te and has_fused_wgrad(),
         persist_layer_norm=False,
         cross_entropy_loss_fusion=te,
         cross_entropy_fusion_impl="te" if te else "native",

@@ -41,11 +41,20 @@ def _unwrap(chunk):
     return chunk
 
 
-def model_sharded_state_dict(model_chunks) -> dict:
+EXTRA_STATE = "._extra_state"
+
+
+def model_sharded_state_dict(model_chunks, weights_only: bool = False) -> dict:
+    """The model's sharded state dict, keyed `model` (or `model0`, `model1`, ... with virtual pipeline
+    stages). `weights_only` drops the layers' `_extra_state` (Transformer Engine's FP8 scaling history):
+    a final checkpoint holds tensors only, and TE refuses to unpickle that state on load."""
     chunks = [_unwrap(c) for c in model_chunks]
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    state = {}
+    for key, chunk in zip(keys, chunks):
+        sd = chunk.sharded_state_dict()
+        state[key] = {k: v for k, v in sd.items() if not (weights_only and k.endswith(EXTRA_STATE))}
+    return state
 
 
 def _rng_sharded_object(state=None):
@@ -142,10 +151,14 @@ def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler) -> dict:
 
 
 def _load_model_state(model_chunks, loaded: dict) -> None:
+    """Load into every chunk; only `_extra_state` entries may be absent (weights-only checkpoints)."""
     chunks = [_unwrap(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
-        chunk.load_state_dict(loaded[key], strict=True)
+        missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith(EXTRA_STATE)]
+        if missing or unexpected:
+            raise UserError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def save_final(final_dir: Path, model_chunks, meta: dict, tokenizer=None) -> Path:
@@ -157,7 +170,7 @@ def save_final(final_dir: Path, model_chunks, meta: dict, tokenizer=None) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "weights").mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(tmp / "weights"))
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks, weights_only=True), str(tmp / "weights"))
     _barrier()
     if _rank() == 0:
         if tokenizer is not None:
@@ -184,5 +197,5 @@ def load_weights(ckpt: str | Path, model_chunks) -> None:
 
     path = Path(ckpt)
     weights = path / "weights" if (path / "weights").is_dir() else path
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(weights))
+    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks, weights_only=True), str(weights))
     _load_model_state(model_chunks, loaded)
