@@ -412,8 +412,9 @@ def print_tables(a, the_plan: dict, summary: dict, env: dict, results: list[dict
             ratio = o["median_s"] / mf["median_s"]  # megaflow tok/s / other tok/s
             line = (f"megaflow / {LABELS[other]} ({prec}): throughput ratio {ratio:.3f} "
                     f"(megaflow step {100 * (mf['median_s'] / o['median_s'] - 1):+.1f}% time)")
-            if other == "mcore":
-                line += f"  -> target >= 0.90: {'PASS' if ratio >= 0.90 else 'FAIL'}"
+            if other == "mcore":  # issue #2: within 10% on a CPU, >= 95% of bare megatron-core + TE on a GPU
+                target = 0.95 if prec in ("bf16", "fp8") else 0.90
+                line += f"  -> target >= {target:.2f}: {'PASS' if ratio >= target else 'FAIL'}"
             print(line)
         if "megaflow" in rows and "mcore" in rows and not mf.get("failed") and not rows["mcore"].get("failed"):
             print(f"first-step loss: megaflow {mf['first_loss']:.6f}, bare mcore {rows['mcore']['first_loss']:.6f}"
