@@ -36,6 +36,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The first 50 kB of the sample corpus: enough text for a small tokenizer, fast to process."""
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_bytes(SAMPLE.read_bytes()[:50_000])
+    return path
+
+
 TEST_CONFIG = REPO / "configs" / "stages" / "pretrain-test.yaml"
 
 

@@ -1,0 +1,1 @@
+"""One module per stage with only what is specific to it: pretrain now; sft, rm, dpo, ppo, grpo follow."""

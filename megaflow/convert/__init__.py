@@ -1,0 +1,1 @@
+"""Hugging Face <-> megaflow weight conversion (the HF interop issue brings it)."""

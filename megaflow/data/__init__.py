@@ -1,0 +1,1 @@
+"""Tokenizers, raw text -> indexed datasets, pretraining datasets."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity now; exact match, reward accuracy, win rate and lm-eval follow."""

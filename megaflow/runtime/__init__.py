@@ -1,0 +1,1 @@
+"""Process setup and the CPU compatibility layer for megatron-core."""

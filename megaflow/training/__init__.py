@@ -1,0 +1,1 @@
+"""The one training engine: optimizer, schedule, loop, evaluation, checkpoints, metrics."""

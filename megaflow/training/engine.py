@@ -211,7 +211,8 @@ class Trainer:
             if make_valid_iterators and cfg.eval.every and self.state.step % cfg.eval.every == 0:
                 last_eval = self.evaluate(make_valid_iterators, cfg.eval.iters)
                 self.metrics.log(self.state.step, last_eval, prefix="valid")
-                bar.write(f"step {self.state.step}: valid loss {last_eval['loss']:.4f} ppl {last_eval['ppl']:.2f}") if self.is_writer else None
+                if self.is_writer:
+                    bar.write(f"step {self.state.step}: valid loss {last_eval['loss']:.4f} ppl {last_eval['ppl']:.2f}")
             if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
                 self.save()
             if cfg.train.max_minutes and (time.time() - start_time) / 60 >= cfg.train.max_minutes:

@@ -1,4 +1,5 @@
-"""Two data-parallel ranks on gloo give the single-process loss and grad norm."""
+"""Two data-parallel ranks on gloo (with and without the distributed optimizer) give the single-process
+loss and grad norm."""
 
 from __future__ import annotations
 
@@ -24,10 +25,15 @@ def _run(workdir, tiny_pretrain, name, *extra):
 
 def test_dp2_equals_single_process(workdir, tiny_pretrain):
     single = _run(workdir, tiny_pretrain, "dp1")
-    dp2 = _run(workdir, tiny_pretrain, "dp2", "--nproc-per-node", "2")
-    assert len(single) == len(dp2) == 4
-    for step, ((l1, g1), (l2, g2)) in enumerate(zip(single, dp2), 1):
-        print(f"step {step}: loss {l1:.7f} vs {l2:.7f}, grad norm {g1:.6f} vs {g2:.6f}")
-        assert l2 == pytest.approx(l1, abs=1e-5)
-        assert g2 == pytest.approx(g1, rel=1e-5)
+    layouts = {
+        "dp2": _run(workdir, tiny_pretrain, "dp2", "--nproc-per-node", "2"),
+        "dp2 + distributed optimizer": _run(workdir, tiny_pretrain, "dp2-dopt", "--nproc-per-node", "2",
+                                            "parallel.distributed_optimizer=true"),
+    }
+    for name, run in layouts.items():
+        assert len(run) == len(single) == 4
+        for step, ((l1, g1), (l2, g2)) in enumerate(zip(single, run), 1):
+            print(f"{name} step {step}: loss {l1:.7f} vs {l2:.7f}, grad norm {g1:.6f} vs {g2:.6f}")
+            assert l2 == pytest.approx(l1, abs=1e-5)
+            assert g2 == pytest.approx(g1, rel=1e-5)
     assert single[-1][0] < single[0][0]  # and it trains

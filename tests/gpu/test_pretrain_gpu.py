@@ -25,6 +25,6 @@ def test_pretrain_on_gpu(workdir, precision):
     result = json.loads((stage / "eval.json").read_text())
     assert result["valid_ppl"] < result["unigram_ppl"]
 
-    proc = run_megaflow("eval", str(stage / "final"), "--json", f"--batch-size=8", cwd=workdir)
+    proc = run_megaflow("eval", str(stage / "final"), "--json", "--batch-size=8", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["loss"] == pytest.approx(result["valid_loss"], rel=2e-2 if precision == "fp8" else 1e-3)

@@ -3,7 +3,6 @@
 import gzip
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,6 @@ from megaflow.data.readers import ReadStats, iter_documents
 from megaflow.data.tokenizer import Tokenizer, train_tokenizer
 from megaflow.errors import DataError, UserError
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "tinyshakespeare.txt"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_bytes(SAMPLE.read_bytes()[:50_000])
-    return path
 
 
 @pytest.fixture(scope="module")

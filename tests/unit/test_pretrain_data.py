@@ -8,7 +8,7 @@ import pytest
 
 from megaflow.config.schema import StageConfig
 from megaflow.data.pretrain import BatchIterator, build_datasets
-from megaflow.data.tokenizer import Tokenizer, train_tokenizer
+from megaflow.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from megaflow.data.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from megaflow.errors import DataError
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "tinyshakespeare.txt"
+from tests.conftest import SAMPLE
 TRICKY_TEXTS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",
     "  leading spaces, trailing spaces  \n\n\ttabs\r\nand CRLF\r\n",
@@ -19,13 +19,6 @@ TRICKY_TEXTS = [
     "control \x00\x01\x7f chars, a special token in the text: <|endoftext|>",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_bytes(SAMPLE.read_bytes()[:50_000])
-    return path
 
 
 @pytest.fixture(scope="module")
