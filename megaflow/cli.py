@@ -147,7 +147,21 @@ def _cmd_eval(args) -> int:
 COMMANDS = {"train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval}
 
 
+def _quiet_known_warnings() -> None:
+    """megatron-core announces every optional kernel it falls back from (apex, TE) and its experimental
+    APIs at import; on a CPU these are expected, and they bury the progress bar."""
+    import logging
+    import warnings
+
+    for pattern in (r".*(Apex|Transformer Engine and Apex) (is|are) not installed.*", r".*is experimental.*",
+                    r".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("torch.utils.cpp_extension", "megatron.core.dist_checkpointing.strategies.torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_known_warnings()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # Overrides may stand anywhere (argparse stops collecting positionals at the first option).
