@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from megaflow.errors import UserError
+from megaflow.errors import RunFailed, UserError
 
 STAGES = ("pretrain",)  # sft, rm, dpo, ppo, grpo follow (DESIGN §5)
 
@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p = sub.add_parser("inspect", help="show what a checkpoint holds and whether it is complete",
+                       description="Stage, step, tokens seen, model config, tokenizer, parallel layout at save time, "
+                                   "sizes, parents, and completeness (every file checked against the manifest's "
+                                   "sizes and CRC-32). Accepts a checkpoint, or a stage directory (its final/, else latest).")
+    p.add_argument("ckpt")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p.add_argument("--no-checksums", action="store_true", help="check sizes only (fast on large checkpoints)")
     return parser
 
 
@@ -144,7 +151,15 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval}
+def _cmd_inspect(args) -> int:
+    from megaflow.training.inspect import format_report, inspect_checkpoint
+
+    info = inspect_checkpoint(args.ckpt, verify_checksums=not args.no_checksums)
+    print(json.dumps(info) if args.json else format_report(info))
+    return 0 if info["complete"] else 1
+
+
+COMMANDS = {"inspect": _cmd_inspect, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval}
 
 
 def _quiet_known_warnings() -> None:
@@ -174,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"megaflow: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"megaflow: stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("megaflow: interrupted", file=sys.stderr)
         return 130

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """Bad input data: the message names the file (and line, where there is one)."""
+
+
+class RunFailed(Exception):
+    """A run that stopped itself on purpose (e.g. diverged): one line, exit code 3, checkpoints kept."""

@@ -53,22 +53,26 @@ def main(cfg: StageConfig) -> dict:
     train_ds, valid_ds, test_ds = build_datasets(cfg, tokenizer, tokenizer_dir, [t.steps * t.global_batch_size, n_eval * evals, n_eval])
     out_dir = stage.write_resolved_config(cfg)
 
-    trainer = Trainer(cfg, LanguageModelTask(), vocab, out_dir)
+    parents = [cfg.init_from] if cfg.init_from else []
+    meta = stage.final_meta(cfg, vocab, 0, 0, parents) | {"eval_samples": n_eval, "valid_samples_built": n_eval * evals}
+    trainer = Trainer(cfg, LanguageModelTask(), vocab, out_dir, meta)
     resumed = trainer.maybe_resume()
     n_chunks = len(trainer.model)
     make_valid = (lambda: _iterators(valid_ds, cfg, 0, n_chunks)) if valid_ds is not None else None
-    trainer.train(lambda consumed: _iterators(train_ds, cfg, consumed, n_chunks), make_valid)
+    status = trainer.train(lambda consumed: _iterators(train_ds, cfg, consumed, n_chunks), make_valid)
+    result = {"status": status, "step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen,
+              "resumed": resumed, "skipped_steps": trainer.skipped_total}
+    if status != "done":  # preempted or out of time: the checkpoint is written; the same command resumes
+        trainer.close()
+        return result
 
-    result = {"step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "resumed": resumed}
     if make_valid is not None and cfg.eval.final:
         final = trainer.evaluate(make_valid, cfg.eval.iters)
         result |= {"valid_loss": final["loss"], "valid_ppl": final["ppl"], "valid_tokens": final["tokens"]}
         if dist.is_rank0():
             result["unigram_ppl"] = unigram_perplexity(valid_ds, n_eval, token_counts(train_ds, vocab))
             dist.print_rank0(f"valid ppl {final['ppl']:.2f} (unigram baseline {result['unigram_ppl']:.2f})")
-    parents = [cfg.init_from] if cfg.init_from else []
-    meta = stage.final_meta(cfg, vocab, trainer.state.step, trainer.state.tokens_seen, parents)
-    meta |= {"eval_samples": n_eval, "valid_samples_built": n_eval * evals}
+    meta |= {"step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "parallel_at_save": trainer.layout}
     checkpoint.save_final(out_dir / "final", trainer.model, meta, tokenizer)
     result["minutes"] = (time.time() - t_start) / 60
     trainer.write_json("eval.json", result)

@@ -128,6 +128,7 @@ class TrainConfig(Section):
     clip_grad: float = Field(1.0, ge=0)
     seed: int = 1234
     max_minutes: float | None = Field(None, gt=0)
+    max_bad_steps: int = Field(5, ge=1)  # consecutive NaN/Inf steps (each skipped) before the run stops
 
 
 class EvalConfig(Section):

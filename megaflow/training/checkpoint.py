@@ -21,9 +21,37 @@ import numpy as np
 import torch
 
 from megaflow.errors import UserError
+from megaflow.training import safe_pickle
 
 FORMAT = "megaflow/1"
 META_FILE = "megaflow.json"
+
+
+def _die_with_parent() -> None:
+    """Runs in megatron's result-queue manager process: SIGKILL it when its parent dies, so a killed run
+    leaves no orphan holding the terminal or pipes (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _ensure_results_queue() -> None:
+    """dist_checkpointing's writer reports through a queue served by a spawned manager process; start that
+    manager ourselves, tied to this process's life, before megatron starts one that outlives a kill -9."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(_die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+        _ensure_results_queue.manager = manager  # keep it alive as long as the process
 
 
 def _rank() -> int:
@@ -107,15 +135,34 @@ def read_latest(ckpt_root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoint directories that were renamed into place, newest first (`.tmp` ones never count)."""
+    if not ckpt_root.is_dir():
+        return []
+    done = [p for p in ckpt_root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(done, key=lambda p: int(p.name[5:]), reverse=True)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict, keep: int = 2) -> Path:
-    """Save a complete training checkpoint and point `latest` at it; keep the newest `keep`."""
+def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict, meta: dict,
+                    keep: int = 2, stage: str = "") -> Path:
+    """Save a complete training checkpoint and point `latest` at it; keep the newest `keep`.
+
+    Written into `iter_N.tmp`; rank 0 then adds megaflow.json and the manifest (sizes, CRC-32), renames
+    the directory into place and only then replaces `latest`. A crash at any point leaves either the
+    previous state or the new complete checkpoint.
+    """
     from megatron.core import dist_checkpointing
+
+    from megaflow.training import faults, manifest
 
     name = f"iter_{step:07d}"
     final, tmp = ckpt_root / name, ckpt_root / f"{name}.tmp"
@@ -124,30 +171,83 @@ def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, schedul
         tmp.mkdir(parents=True)
     _barrier()
     state = _training_state_dict(model_chunks, optimizer, scheduler, {**extra, "step": step}, is_loading=False)
+    _ensure_results_queue()
     dist_checkpointing.save(state, str(tmp))
+    if faults.armed("kill_in_save", stage, step):
+        faults.kill_self()
     _barrier()
     if _rank() == 0:
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "kind": "training", **meta}, indent=2) + "\n")
+        manifest.write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        manifest.fsync_dir(ckpt_root)
         _write_atomic(ckpt_root / "latest", name + "\n")
-        done = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-keep]:
+        for old in complete_checkpoints(ckpt_root)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
-def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG in place; returns the `extra` dict (step, data position)."""
+def find_resumable(ckpt_root: Path, warn=print) -> Path | None:
+    """The newest checkpoint whose manifest checks out, starting at `latest`; a corrupt one is skipped with
+    a warning naming the bad file. Decided on rank 0 and shared, so every rank loads the same one."""
+    from megaflow.training import manifest
+
+    choice = [None]
+    if _rank() == 0:
+        candidates = complete_checkpoints(ckpt_root)
+        latest = read_latest(ckpt_root)
+        if latest in candidates:  # `latest` first; older complete ones after it
+            candidates = [latest] + [c for c in candidates if int(c.name[5:]) < int(latest.name[5:])]
+        for ckpt in candidates:
+            problem = manifest.verify(ckpt)
+            if problem is None:
+                choice[0] = str(ckpt)
+                break
+            warn(f"warning: checkpoint {ckpt} is not usable ({problem}); trying the one before")
+        if candidates and choice[0] is None:
+            choice[0] = ""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    if choice[0] == "":
+        raise UserError(f"{ckpt_root}: no usable checkpoint (all failed verification); move them away to start over")
+    return Path(choice[0]) if choice[0] else None
+
+
+def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler, layout: dict, warn=print) -> dict:
+    """Restore model, optimizer, scheduler and RNG in place; returns the `extra` dict (step, data position).
+
+    Model weights reshard across any TP/PP/DP layout. RNG states are per (PP, TP) rank and restored only
+    when those sizes are unchanged. The plain optimizer's state reshards with the model; the distributed
+    optimizer's only when its layout is unchanged, otherwise the optimizer starts fresh (with a warning).
+    """
     from megatron.core import dist_checkpointing
 
+    saved = json.loads((ckpt_dir / META_FILE).read_text()).get("parallel_at_save", {})
+    same_rng_layout = all(saved.get(k) == layout.get(k) for k in ("tp", "pp", "vpp"))
+    same_dist_opt_layout = saved == layout
+    keep_optimizer = not layout.get("distributed_optimizer") or same_dist_opt_layout
+    safe_pickle.install()
     state = _training_state_dict(model_chunks, optimizer, scheduler, {}, is_loading=True)
+    if not same_rng_layout:
+        del state["rng_state"]
+        warn(f"warning: parallel layout changed ({_layout_str(saved)} -> {_layout_str(layout)}): RNG states not restored")
+    if not keep_optimizer:
+        del state["optimizer"]
+        warn("warning: the distributed optimizer's state does not reshard to this layout: the optimizer starts fresh")
     loaded = dist_checkpointing.load(state, str(ckpt_dir))
     _load_model_state(model_chunks, loaded)
-    optimizer.load_state_dict(loaded["optimizer"])
+    if keep_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
-    _restore_rng(loaded["rng_state"])
+    if same_rng_layout:
+        _restore_rng(loaded["rng_state"])
     return loaded["extra"]
+
+
+def _layout_str(layout: dict) -> str:
+    return " ".join(f"{k}={layout.get(k)}" for k in ("tp", "pp", "vpp", "dp", "distributed_optimizer"))
 
 
 def _load_model_state(model_chunks, loaded: dict) -> None:
@@ -165,17 +265,21 @@ def save_final(final_dir: Path, model_chunks, meta: dict, tokenizer=None) -> Pat
     """Weights-only checkpoint plus megaflow.json (model config, tokenizer, parents) and the tokenizer."""
     from megatron.core import dist_checkpointing
 
+    from megaflow.training import manifest
+
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "weights").mkdir(parents=True)
     _barrier()
+    _ensure_results_queue()
     dist_checkpointing.save(model_sharded_state_dict(model_chunks, weights_only=True), str(tmp / "weights"))
     _barrier()
     if _rank() == 0:
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer"))
-        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "kind": "final", **meta}, indent=2) + "\n")
+        manifest.write_manifest(tmp)
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(tmp, final_dir)
     _barrier()
@@ -195,6 +299,7 @@ def load_weights(ckpt: str | Path, model_chunks) -> None:
     """Load the weights of a final checkpoint (any TP/PP layout) into freshly built model chunks."""
     from megatron.core import dist_checkpointing
 
+    safe_pickle.install()
     path = Path(ckpt)
     weights = path / "weights" if (path / "weights").is_dir() else path
     loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks, weights_only=True), str(weights))

@@ -9,8 +9,10 @@ checkpoints, metrics and the progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +22,10 @@ import torch
 from tqdm import tqdm
 
 from megaflow.config.schema import StageConfig
+from megaflow.errors import RunFailed
 from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
-from megaflow.training import checkpoint
+from megaflow.training import checkpoint, faults
 from megaflow.training.metrics import MetricsWriter, peak_flops
 from megaflow.training.optimizer import build_optimizer, build_scheduler
 
@@ -118,13 +121,61 @@ def evaluate(model, task: Task, data_iterators, iters: int, n_micro: int, seq: i
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(reduced["_tokens"])}
 
 
+class TrainingDiverged(RunFailed):
+    """Too many consecutive non-finite steps; the CLI reports it in one line and exits non-zero."""
+
+
+def actual_layout(cfg: StageConfig) -> dict:
+    """The parallel layout this process runs with (dp derived from the world), as checkpoints record it."""
+    _, dp = data_parallel_rank_and_size()
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "cp": p.cp, "dp": dp, "sp": p.sp,
+            "distributed_optimizer": p.distributed_optimizer}
+
+
+def _grad_buffers(model):
+    for chunk in model:
+        yield from getattr(chunk, "buffers", [])
+        yield from getattr(chunk, "expert_parallel_buffers", [])
+
+
+def all_finite(loss: float, model) -> bool:
+    """The (already world-reduced) loss is finite and no rank holds a NaN/Inf gradient. One pass over the
+    grad buffers and one tiny all-reduce, so every rank takes the same decision."""
+    local = math.isfinite(loss) and all(bool(torch.isfinite(b.grad_data).all()) for b in _grad_buffers(model))
+    flag = torch.tensor([0.0 if local else 1.0], device=dist.device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _poison_grads(model) -> None:
+    for buffer in _grad_buffers(model):
+        buffer.grad_data.fill_(float("nan"))
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: "Trainer"):
+    """SIGTERM / SIGUSR1 (SLURM's warnings before a kill) ask for a checkpoint at the next step boundary."""
+    def request(signum, frame):
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     """Owns the model, optimizer and schedule of one stage and runs its loop."""
 
-    def __init__(self, cfg: StageConfig, task: Task, vocab_size: int, stage_dir: Path):
+    def __init__(self, cfg: StageConfig, task: Task, vocab_size: int, stage_dir: Path, meta: dict | None = None):
         from megatron.core.distributed import finalize_model_grads
 
         self.cfg, self.task, self.vocab_size, self.stage_dir = cfg, task, vocab_size, stage_dir
+        self.meta = meta or {}  # megaflow.json fields of this stage's checkpoints (model, tokenizer, parents)
         self.model, self.tcfg = build_model(cfg, vocab_size)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -140,6 +191,10 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         self.flops_per_step = gpt.flops_per_step(cfg.model, vocab_size, cfg.train.global_batch_size, cfg.data.seq_length)
         self.peak = peak_flops() * world
+        self.layout = actual_layout(cfg)
+        self.bad_steps = 0  # consecutive non-finite steps
+        self.skipped_total = 0
+        self.stop_signal: str | None = None
 
     # -- one step -------------------------------------------------------------------------------------
 
@@ -148,21 +203,32 @@ class Trainer:
                                 self.cfg.data.seq_length, self.cfg.train.micro_batch_size, forward_only)
 
     def train_step(self, data_iterators: list[Iterator]) -> dict[str, float]:
-        """Forward and backward over all micro-batches of one global batch, then one optimizer step."""
+        """Forward and backward over all micro-batches of one global batch, then one optimizer step, unless
+        the loss or a gradient is NaN/Inf: then the update is skipped (and counted)."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._forward_backward(data_iterators, forward_only=False)
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        if faults.armed("nan", self.cfg.stage, self.state.step + 1):
+            losses = [{k: v * float("nan") for k, v in d.items()} for d in losses]
+            _poison_grads(self.model)
         reduced = _reduce_losses(losses, self.task.loss_names)
         main = self.task.loss_names[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        if all_finite(reduced[main], self.model):
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self.bad_steps = 0
+        else:
+            ok, grad_norm = False, float("nan")
+            self.bad_steps += 1
+            self.skipped_total += 1
         return {
             "loss": reduced[main],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr,
             "update_ok": bool(ok),
+            "skipped_total": self.skipped_total,
         } | {k: v for k, v in reduced.items() if k not in (main, "_tokens")}
 
     def evaluate(self, make_iterators: Callable[[], list[Iterator]], iters: int) -> dict[str, float]:
@@ -172,55 +238,94 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def save(self) -> Path:
-        extra = {"consumed_samples": self.state.consumed_samples, "tokens_seen": self.state.tokens_seen}
+        extra = {"consumed_samples": self.state.consumed_samples, "tokens_seen": self.state.tokens_seen,
+                 "skipped_total": self.skipped_total}
+        meta = {**self.meta, "stage": self.cfg.stage, "step": self.state.step, "tokens_seen": self.state.tokens_seen,
+                "parallel_at_save": self.layout}
         return checkpoint.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
-                                          self.scheduler, extra, keep=self.cfg.checkpoint.keep)
+                                          self.scheduler, extra, meta, keep=self.cfg.checkpoint.keep,
+                                          stage=self.cfg.stage)
 
     def maybe_resume(self) -> bool:
-        latest = checkpoint.read_latest(self.ckpt_root) if self.cfg.checkpoint.resume else None
-        if latest is None:
+        """Continue from the newest usable checkpoint (a corrupt one falls back to the one before)."""
+        ckpt = checkpoint.find_resumable(self.ckpt_root, warn=dist.print_rank0) if self.cfg.checkpoint.resume else None
+        if ckpt is None:
+            self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt do not belong
             return False
-        extra = checkpoint.load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
+        extra = checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.layout,
+                                           warn=dist.print_rank0)
         self.state = TrainState(extra["step"], extra["consumed_samples"], extra.get("tokens_seen", 0))
-        dist.print_rank0(f"resumed from {latest} at step {self.state.step}")
+        self.skipped_total = extra.get("skipped_total", 0)
+        self.metrics.truncate_after(self.state.step)
+        dist.print_rank0(f"resumed from {ckpt} at step {self.state.step}")
         return True
 
     # -- the loop -------------------------------------------------------------------------------------
 
     def train(self, make_train_iterators: Callable[[int], list[Iterator]],
-              make_valid_iterators: Callable[[], list[Iterator]] | None) -> dict:
+              make_valid_iterators: Callable[[], list[Iterator]] | None) -> str:
+        """Run to `train.steps`. Returns "done", or "stopped" when a signal (SIGTERM/SIGUSR1) or
+        `train.max_minutes` ended the run early after saving a checkpoint to resume from."""
         cfg = self.cfg
         iterators = make_train_iterators(self.state.consumed_samples)
         start_time = time.time()
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
                    disable=not (self.is_writer and cfg.run.progress))
-        last_eval = {}
-        while self.state.step < cfg.train.steps:
-            t0 = time.perf_counter()
-            m = self.train_step(iterators)
-            dt = time.perf_counter() - t0
-            self.state.step += 1
-            self.state.consumed_samples += cfg.train.global_batch_size
-            self.state.tokens_seen += self.tokens_per_step
-            m |= {"step_time": dt, "tok_per_s": self.tokens_per_step / dt,
-                  "mfu": self.flops_per_step / dt / self.peak, "tokens_seen": self.state.tokens_seen}
-            if self.state.step % cfg.run.log_every == 0 or self.state.step == cfg.train.steps:
-                self.metrics.log(self.state.step, m)
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tok_per_s']:.0f}", mfu=f"{100 * m['mfu']:.1f}%")
-            if make_valid_iterators and cfg.eval.every and self.state.step % cfg.eval.every == 0:
-                last_eval = self.evaluate(make_valid_iterators, cfg.eval.iters)
-                self.metrics.log(self.state.step, last_eval, prefix="valid")
-                if self.is_writer:
-                    bar.write(f"step {self.state.step}: valid loss {last_eval['loss']:.4f} ppl {last_eval['ppl']:.2f}")
-            if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
-                self.save()
-            if cfg.train.max_minutes and (time.time() - start_time) / 60 >= cfg.train.max_minutes:
-                dist.print_rank0(f"train.max_minutes ({cfg.train.max_minutes}) reached at step {self.state.step}: saving")
-                self.save()
-                break
+        self.last_eval = {}
+        with _stop_on_signals(self):
+            while self.state.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                m = self.train_step(iterators)
+                dt = time.perf_counter() - t0
+                self.state.step += 1
+                self.state.consumed_samples += cfg.train.global_batch_size
+                self.state.tokens_seen += self.tokens_per_step
+                m |= {"step_time": dt, "tok_per_s": self.tokens_per_step / dt,
+                      "mfu": self.flops_per_step / dt / self.peak, "tokens_seen": self.state.tokens_seen}
+                if self.state.step % cfg.run.log_every == 0 or self.state.step == cfg.train.steps:
+                    self.metrics.log(self.state.step, m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tok_per_s']:.0f}", mfu=f"{100 * m['mfu']:.1f}%")
+                self._after_step(bar, make_valid_iterators)
+                if self._should_stop(start_time):
+                    bar.close()
+                    self.save()
+                    dist.print_rank0(f"{self.stop_reason} at step {self.state.step}: checkpoint saved, exiting to resume later")
+                    return "stopped"
         bar.close()
-        return last_eval
+        return "done"
+
+    def _after_step(self, bar, make_valid_iterators) -> None:
+        cfg, step = self.cfg, self.state.step
+        if self.bad_steps >= cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.bad_steps} consecutive steps with a NaN/Inf loss or gradient (train.max_bad_steps) at step "
+                f"{step}: stopping; the last good checkpoint is kept"
+            )
+        if make_valid_iterators and cfg.eval.every and step % cfg.eval.every == 0:
+            self.last_eval = self.evaluate(make_valid_iterators, cfg.eval.iters)
+            self.metrics.log(step, self.last_eval, prefix="valid")
+            if self.is_writer:
+                bar.write(f"step {step}: valid loss {self.last_eval['loss']:.4f} ppl {self.last_eval['ppl']:.2f}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            self.save()
+        if faults.armed("kill", cfg.stage, step):
+            faults.kill_self()
+        if faults.armed("sigterm", cfg.stage, step):
+            faults.kill_self(signal.SIGTERM)
+
+    def _should_stop(self, start_time: float) -> bool:
+        """A stop request on any rank (signal) or rank 0's clock stops every rank at the same step."""
+        out_of_time = bool(self.cfg.train.max_minutes) and (time.time() - start_time) / 60 >= self.cfg.train.max_minutes
+        flags = torch.tensor([float(self.stop_signal is not None), float(out_of_time and dist.is_rank0())],
+                             device=dist.device())
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags[0] > 0:
+            self.stop_reason = f"stop requested ({self.stop_signal or 'signal on another rank'})"
+        elif flags[1] > 0:
+            self.stop_reason = f"train.max_minutes ({self.cfg.train.max_minutes}) reached"
+        return bool(flags.sum() > 0) and self.state.step < self.cfg.train.steps
 
     def write_json(self, name: str, payload: dict) -> None:
         if self.is_writer:

@@ -49,6 +49,14 @@ def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, rep
     return 2.0 * n**3 / best
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsWriter:
     """Appends metrics to `metrics.jsonl` and TensorBoard; a no-op on ranks other than 0."""
 
@@ -77,6 +85,19 @@ class MetricsWriter:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop the records of steps after the checkpoint: they are about to be redone, and
+        metrics.jsonl stays one trajectory."""
+        if not self.enabled:
+            return
+        path = Path(self._jsonl.name)
+        self._jsonl.close()
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self._jsonl = open(path, "a", buffering=1)
 
     def close(self) -> None:
         if self._jsonl:

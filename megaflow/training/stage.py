@@ -68,7 +68,6 @@ def final_meta(cfg: StageConfig, vocab_size: int, step: int, tokens_seen: int, p
         "padded_vocab_size": vocab_size,
         "seq_length": cfg.data.seq_length,
         "tokenizer": "tokenizer",
-        "parallel_at_save": cfg.parallel.model_dump(mode="json"),
         "precision": cfg.precision,
         "parents": parents,
         "config": cfg.model_dump(mode="json"),

@@ -79,3 +79,28 @@ def test_rerun_resumes_from_latest_instead_of_retraining(tiny_pretrain, tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout
     assert len(_metrics(copy)) == before
+
+
+def test_inspect_reports_a_checkpoint_and_catches_corruption(tiny_pretrain, workdir, tmp_path):
+    import shutil
+
+    proc = run_megaflow("inspect", str(tiny_pretrain), "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout)
+    assert info["kind"] == "final" and info["complete"] and info["stage"] == "pretrain" and info["step"] == 40
+    assert info["tokens_seen"] == 40 * 16 * 64 and info["model"]["hidden_size"] == 128
+    assert info["parallel_at_save"]["tp"] == 1 and info["parallel_at_save"]["dp"] == 1
+    assert info["model_parameters"] > 1_000_000 and info["bytes"] > 4_000_000
+    assert info["tokenizer"].endswith("final/tokenizer")
+
+    copy = tmp_path / "iter"
+    shutil.copytree(tiny_pretrain / "checkpoints" / "iter_0000040", copy)
+    text = run_megaflow("inspect", str(copy), cwd=workdir)
+    assert text.returncode == 0 and "complete     yes" in text.stdout and "step 40" in text.stdout
+    victim = max(copy.rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size - 100)
+    bad = run_megaflow("inspect", str(copy), "--json", cwd=workdir)
+    assert bad.returncode == 1
+    info = json.loads(bad.stdout)
+    assert not info["complete"] and victim.name in info["problem"] and "truncated" in info["problem"]
