@@ -226,8 +226,8 @@ def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler, layout: 
 
     saved = json.loads((ckpt_dir / META_FILE).read_text()).get("parallel_at_save", {})
     same_rng_layout = all(saved.get(k) == layout.get(k) for k in ("tp", "pp", "vpp"))
-    same_dist_opt_layout = saved == layout
-    keep_optimizer = not layout.get("distributed_optimizer") or same_dist_opt_layout
+    same_optimizer_kind = bool(saved.get("distributed_optimizer")) == bool(layout.get("distributed_optimizer"))
+    keep_optimizer = same_optimizer_kind and (not layout.get("distributed_optimizer") or saved == layout)
     safe_pickle.install()
     state = _training_state_dict(model_chunks, optimizer, scheduler, {}, is_loading=True)
     if not same_rng_layout:
@@ -235,7 +235,8 @@ def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler, layout: 
         warn(f"warning: parallel layout changed ({_layout_str(saved)} -> {_layout_str(layout)}): RNG states not restored")
     if not keep_optimizer:
         del state["optimizer"]
-        warn("warning: the distributed optimizer's state does not reshard to this layout: the optimizer starts fresh")
+        warn("warning: the optimizer state was saved for another optimizer layout (distributed optimizer or DP size): "
+             "the optimizer starts fresh")
     loaded = dist_checkpointing.load(state, str(ckpt_dir))
     _load_model_state(model_chunks, loaded)
     if keep_optimizer:

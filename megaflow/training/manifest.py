@@ -15,11 +15,14 @@ MANIFEST = "manifest.json"
 _CHUNK = 1 << 24
 
 
-def crc32(path: Path) -> int:
+def crc32(path: Path, fsync: bool = False) -> int:
+    """CRC-32 of a file; with `fsync`, also make its contents durable before the manifest vouches for it."""
     value = 0
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
             value = zlib.crc32(block, value)
+        if fsync:
+            os.fsync(f.fileno())
     return value
 
 
@@ -29,7 +32,7 @@ def _files(root: Path) -> list[Path]:
 
 def write_manifest(root: Path) -> dict:
     """Record size and CRC-32 of every file under `root`, then fsync so the record survives a crash."""
-    files = {str(p.relative_to(root)): {"size": p.stat().st_size, "crc32": crc32(p)} for p in _files(root)}
+    files = {str(p.relative_to(root)): {"size": p.stat().st_size, "crc32": crc32(p, fsync=True)} for p in _files(root)}
     manifest = {"files": files, "total_bytes": sum(f["size"] for f in files.values())}
     path = root / MANIFEST
     with open(path, "w") as f:
