@@ -10,7 +10,7 @@ from pathlib import Path
 
 from megaflow.config import StageConfig
 from megaflow.errors import UserError
-from megaflow.data.pretrain import BatchIterator, build_datasets, token_counts, unigram_perplexity
+from megaflow.data.pretrain import BatchIterator, build_datasets, consumed_per_dataset, token_counts, unigram_perplexity
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, stage
 from megaflow.training.engine import Trainer, data_parallel_rank_and_size
@@ -50,12 +50,13 @@ def main(cfg: StageConfig) -> dict:
     t = cfg.train
     n_eval = cfg.eval.iters * t.global_batch_size
     evals = (t.steps // cfg.eval.every if cfg.eval.every else 0) + 1
-    train_ds, valid_ds, test_ds = build_datasets(cfg, tokenizer, tokenizer_dir, [t.steps * t.global_batch_size, n_eval * evals, n_eval])
+    train_ds, valid_ds, _, sources = build_datasets(cfg, tokenizer, tokenizer_dir,
+                                                    [t.steps * t.global_batch_size, n_eval * evals, n_eval])
     out_dir = stage.write_resolved_config(cfg)
 
     parents = [cfg.init_from] if cfg.init_from else []
     meta = stage.final_meta(cfg, vocab, 0, 0, parents) | {"eval_samples": n_eval, "valid_samples_built": n_eval * evals}
-    trainer = Trainer(cfg, LanguageModelTask(), vocab, out_dir, meta)
+    trainer = Trainer(cfg, LanguageModelTask(), vocab, out_dir, meta, consumed_per_dataset(train_ds, sources))
     resumed = trainer.maybe_resume()
     n_chunks = len(trainer.model)
     make_valid = (lambda: _iterators(valid_ds, cfg, 0, n_chunks)) if valid_ds is not None else None

@@ -78,7 +78,8 @@ def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str) -> list[tuple[str, fl
 
 def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, num_samples: list[int]):
     """Train, valid and test GPTDatasets (None where a split has no weight) with at least the given
-    numbers of samples; megatron's builder writes its shuffle indices next to the cached data."""
+    numbers of samples, and the source prefixes; megatron's builder writes its shuffle indices next to the
+    cached data."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -100,7 +101,7 @@ def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, n
         mmap_bin_files=True,
     )
     try:
-        return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, ds_cfg).build()
+        return (*BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, ds_cfg).build(), paths)
     except AssertionError as e:
         raise DataError(f"data: cannot build datasets from {paths}: {e or 'split too small for the sequence length'}") from None
 
@@ -127,6 +128,23 @@ class BatchIterator:
         self.consumed_samples += self.mbs * self.dp_size
         samples = [self.dataset[i] for i in idx]
         return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+
+
+def consumed_per_dataset(train_ds, prefixes: list[str]):
+    """A function: consumed samples of the (possibly blended) train split -> samples drawn from each source.
+
+    The blend's sample order is fixed by its seed, so the global count is the exact data position; this
+    breakdown is what a user reads in a checkpoint's megaflow.json."""
+    index = getattr(train_ds, "dataset_index", None)
+
+    def position(consumed: int) -> dict[str, int]:
+        if index is None:
+            return {prefixes[0]: consumed}
+        full, partial = divmod(consumed, len(index))
+        counts = full * np.bincount(index, minlength=len(prefixes)) + np.bincount(index[:partial], minlength=len(prefixes))
+        return {p: int(c) for p, c in zip(prefixes, counts)}
+
+    return position
 
 
 def token_counts(dataset, vocab_size: int, max_samples: int = 20000) -> np.ndarray:

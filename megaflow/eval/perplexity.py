@@ -84,7 +84,7 @@ def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | No
 
         # The same sample counts as the stage asked for, so megatron builds the same shuffle.
         n, built = meta["eval_samples"], meta["valid_samples_built"]
-        _, dataset, _ = build_datasets(cfg, tokenizer, str(Path(ckpt) / "tokenizer"), [1, built, 1])
+        _, dataset, _, _ = build_datasets(cfg, tokenizer, str(Path(ckpt) / "tokenizer"), [1, built, 1])
         if dataset is None:
             raise UserError(f"{ckpt}: its config has no validation split; pass --data")
         n_samples, source = n, "validation split"

@@ -171,11 +171,13 @@ def _stop_on_signals(trainer: "Trainer"):
 class Trainer:
     """Owns the model, optimizer and schedule of one stage and runs its loop."""
 
-    def __init__(self, cfg: StageConfig, task: Task, vocab_size: int, stage_dir: Path, meta: dict | None = None):
+    def __init__(self, cfg: StageConfig, task: Task, vocab_size: int, stage_dir: Path, meta: dict | None = None,
+                 data_position: Callable[[int], dict] | None = None):
         from megatron.core.distributed import finalize_model_grads
 
         self.cfg, self.task, self.vocab_size, self.stage_dir = cfg, task, vocab_size, stage_dir
         self.meta = meta or {}  # megaflow.json fields of this stage's checkpoints (model, tokenizer, parents)
+        self.data_position = data_position  # consumed samples -> a readable breakdown (per dataset of a blend)
         self.model, self.tcfg = build_model(cfg, vocab_size)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -240,8 +242,11 @@ class Trainer:
     def save(self) -> Path:
         extra = {"consumed_samples": self.state.consumed_samples, "tokens_seen": self.state.tokens_seen,
                  "skipped_total": self.skipped_total}
+        if self.data_position is not None:
+            extra["consumed_per_dataset"] = self.data_position(self.state.consumed_samples)
         meta = {**self.meta, "stage": self.cfg.stage, "step": self.state.step, "tokens_seen": self.state.tokens_seen,
-                "parallel_at_save": self.layout}
+                "consumed_samples": self.state.consumed_samples, "parallel_at_save": self.layout,
+                **({"consumed_per_dataset": extra["consumed_per_dataset"]} if "consumed_per_dataset" in extra else {})}
         return checkpoint.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
                                           self.scheduler, extra, meta, keep=self.cfg.checkpoint.keep,
                                           stage=self.cfg.stage)

@@ -140,3 +140,17 @@ def test_consecutive_nan_steps_stop_the_run(workdir, tiny_pretrain):
     assert (stage / "checkpoints" / "latest").read_text().strip() == "iter_0000005"
     assert not (stage / "final").exists()
     shutil.rmtree(workdir / run_dir)
+
+
+def test_time_limit_saves_exits_0_and_resumes_exactly(workdir, tiny_pretrain, reference):
+    run_dir = "runs/resume-time-limit"
+    first = _train(workdir, tiny_pretrain, run_dir, "train.max_minutes=0.01")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "train.max_minutes (0.01) reached" in first.stdout
+    stage = workdir / run_dir / "pretrain"
+    meta = json.loads((stage / "checkpoints" / (stage / "checkpoints" / "latest").read_text().strip() / "megaflow.json").read_text())
+    assert 0 < meta["step"] < STEPS and not (stage / "final").exists()
+    assert sum(meta["consumed_per_dataset"].values()) == meta["consumed_samples"] == meta["step"] * 16
+    second = _train(workdir, tiny_pretrain, run_dir)
+    assert second.returncode == 0 and "resumed from" in second.stdout
+    assert _trajectory(workdir, run_dir) == reference

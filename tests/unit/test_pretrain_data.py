@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megaflow.config.schema import StageConfig
-from megaflow.data.pretrain import BatchIterator, build_datasets
+from megaflow.data.pretrain import BatchIterator, build_datasets, consumed_per_dataset
 from megaflow.data.tokenizer import train_tokenizer
 
 
@@ -32,20 +32,22 @@ def _cfg(root, sources, split=(90, 10, 0)):
 def test_weighted_blend_follows_the_weights(corpora):
     root, a, b, tok = corpora
     cfg = _cfg(root, [{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}])
-    train, valid, test = build_datasets(cfg, tok, str(root / "tok"), [400, 40, 0])
+    train, valid, test, sources = build_datasets(cfg, tok, str(root / "tok"), [400, 40, 0])
     assert len(train) >= 400 and valid is not None and test is None
     from_a = {t for t in tok.encode(" apple banana cherry") if t >= 7}
     share_a = np.mean([bool(set(train[i]["tokens"].tolist()) & from_a) for i in range(400)])
     assert 0.70 <= share_a <= 0.80, share_a
+    per_dataset = consumed_per_dataset(train, sources)(400)
+    assert sum(per_dataset.values()) == 400 and abs(list(per_dataset.values())[0] - 300) <= 10
 
 
 def test_indexed_prefix_is_used_as_is_and_split_has_no_overlap(corpora):
     root, a, _, tok = corpora
     cfg = _cfg(root, [{"path": str(a)}], split=(50, 50, 0))
-    train, valid, _ = build_datasets(cfg, tok, str(root / "tok"), [20, 20, 0])
+    train, valid, _, _ = build_datasets(cfg, tok, str(root / "tok"), [20, 20, 0])
     prefix = next((root / "run" / "data").glob("a-*.bin")).with_suffix("")
     cfg2 = _cfg(root, [{"path": str(prefix)}], split=(50, 50, 0))
-    train2, _, _ = build_datasets(cfg2, tok, str(root / "tok"), [20, 20, 0])
+    train2, _, _, _ = build_datasets(cfg2, tok, str(root / "tok"), [20, 20, 0])
     assert all(np.array_equal(train[i]["tokens"], train2[i]["tokens"]) for i in range(20))
     docs_train, docs_valid = set(np.unique(train.document_index)), set(np.unique(valid.document_index))
     assert docs_train and docs_valid and not docs_train & docs_valid
