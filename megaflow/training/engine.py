@@ -140,10 +140,16 @@ def _grad_buffers(model):
 
 
 def all_finite(loss: float, model) -> bool:
-    """The (already world-reduced) loss is finite and no rank holds a NaN/Inf gradient. One pass over the
-    grad buffers and one tiny all-reduce, so every rank takes the same decision."""
-    local = math.isfinite(loss) and all(bool(torch.isfinite(b.grad_data).all()) for b in _grad_buffers(model))
-    flag = torch.tensor([0.0 if local else 1.0], device=dist.device())
+    """The (already world-reduced) loss is finite and no rank holds a NaN/Inf gradient.
+
+    A NaN or Inf anywhere makes the sum of a grad buffer non-finite, so one read of each buffer (no
+    boolean copy of the grads), one host sync and one tiny all-reduce decide it, the same on every rank.
+    """
+    sums = [b.grad_data.sum(dtype=torch.float32) for b in _grad_buffers(model)]
+    grads_total = torch.stack(sums).sum() if sums else torch.zeros((), device=dist.device())
+    flag = (~torch.isfinite(grads_total)).float().reshape(1)
+    if not math.isfinite(loss):
+        flag.fill_(1.0)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return flag.item() == 0.0
