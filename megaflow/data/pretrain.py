@@ -67,7 +67,8 @@ def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str) -> list[tuple[str, fl
                 raise DataError(f"data.train[{i}].path: file not found: {src.path}")
             key = _cache_key(path, tokenizer_dir, src.field, cfg.data.split_documents_on)
             prefix = str(cache_dir / f"{path.name.split('.')[0]}-{key}")
-            if rank0 and indexed_prefix_of(prefix) is None:
+            # PREFIX.json is written last by preprocess: without it the pair may be half replaced
+            if rank0 and not Path(prefix + ".json").is_file():
                 preprocess([str(path)], tokenizer_dir, prefix, workers=cfg.data.workers, field=src.field,
                            split_documents_on=cfg.data.split_documents_on, invalid_utf8=cfg.data.invalid_utf8)
         out.append((prefix, src.weight))
