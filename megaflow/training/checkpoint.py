@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from megaflow.errors import UserError
+from megaflow.models.gpt import unwrap
 from megaflow.training import safe_pickle
 
 FORMAT = "megaflow/1"
@@ -63,12 +64,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 EXTRA_STATE = "._extra_state"
 
 
@@ -76,7 +71,7 @@ def model_sharded_state_dict(model_chunks, weights_only: bool = False) -> dict:
     """The model's sharded state dict, keyed `model` (or `model0`, `model1`, ... with virtual pipeline
     stages). `weights_only` drops the layers' `_extra_state` (Transformer Engine's FP8 scaling history):
     a final checkpoint holds tensors only, and TE refuses to unpickle that state on load."""
-    chunks = [_unwrap(c) for c in model_chunks]
+    chunks = [unwrap(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     state = {}
     for key, chunk in zip(keys, chunks):
@@ -253,7 +248,7 @@ def _layout_str(layout: dict) -> str:
 
 def _load_model_state(model_chunks, loaded: dict) -> None:
     """Load into every chunk; only `_extra_state` entries may be absent (weights-only checkpoints)."""
-    chunks = [_unwrap(c) for c in model_chunks]
+    chunks = [unwrap(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
