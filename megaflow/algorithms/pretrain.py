@@ -26,6 +26,8 @@ def check_inputs(cfg: StageConfig) -> None:
     for i, src in enumerate(cfg.data.train):
         if indexed_prefix_of(src.path) is None and not Path(src.path).is_file():
             raise UserError(f"data.train[{i}].path: file not found: {src.path}")
+    if cfg.init_from and not (Path(cfg.init_from) / "megaflow.json").is_file():
+        raise UserError(f"init_from: not a megaflow checkpoint (no megaflow.json): {cfg.init_from}")
     spec = cfg.tokenizer.train_if_missing
     if spec and not (cfg.tokenizer.path and Path(cfg.tokenizer.path).exists()):
         for j, path in enumerate(spec.input):
@@ -58,6 +60,8 @@ def main(cfg: StageConfig) -> dict:
     meta = stage.final_meta(cfg, vocab, 0, 0, parents) | {"eval_samples": n_eval, "valid_samples_built": n_eval * evals}
     trainer = Trainer(cfg, LanguageModelTask(), vocab, out_dir, meta, consumed_per_dataset(train_ds, sources))
     resumed = trainer.maybe_resume()
+    if cfg.init_from and not resumed:
+        trainer.init_weights_from(cfg.init_from)
     n_chunks = len(trainer.model)
     make_valid = (lambda: _iterators(valid_ds, cfg, 0, n_chunks)) if valid_ds is not None else None
     status = trainer.train(lambda consumed: _iterators(train_ds, cfg, consumed, n_chunks), make_valid)

@@ -144,19 +144,50 @@ class CheckpointConfig(Section):
 
 
 class ParallelConfig(Section):
+    """How the model is split. dp is derived from the world size (or checked, if given):
+    world = tp * pp * cp * dp. Rules that need the world size are checked by `check_world_size`."""
+
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
-    vpp: int | None = Field(None, ge=1)
-    sp: bool = False
-    cp: int = Field(1, ge=1)
+    vpp: int | None = Field(None, ge=1)  # virtual stages per pipeline rank (interleaved schedule)
+    sp: bool = False  # sequence parallelism (shards norms/dropout activations along the sequence over tp)
+    cp: int = Field(1, ge=1)  # context parallelism (TE attention, GPU only)
     dp: int | None = Field(None, ge=1)
     distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_layers: int = Field(1, ge=1)  # full: layers per group (uniform) or per stage (block)
 
     @model_validator(mode="after")
-    def _sp(self) -> "ParallelConfig":
+    def _rules(self) -> "ParallelConfig":
         if self.sp and self.tp == 1:
             raise ValueError("parallel.sp=true requires parallel.tp > 1")
+        if self.vpp is not None and self.vpp > 1 and self.pp == 1:
+            raise ValueError("parallel.vpp > 1 requires parallel.pp > 1 (virtual stages interleave a pipeline)")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ValueError("parallel.overlap_param_gather=true requires parallel.distributed_optimizer=true")
         return self
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def check_world_size(self, world_size: int) -> int:
+        """Return dp for this world size, or raise ValueError naming the constraint."""
+        mp = self.model_parallel_size
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.tp*pp*cp "
+                f"({self.tp}*{self.pp}*{self.cp} = {mp})"
+            )
+        dp = world_size // mp
+        if self.dp is not None and self.dp != dp:
+            raise ValueError(
+                f"parallel.dp={self.dp} does not match the world size: {world_size} / (tp*pp*cp = {mp}) = {dp}"
+            )
+        return dp
 
 
 class StageConfig(Section):
@@ -204,4 +235,29 @@ class StageConfig(Section):
             )
         if t.warmup_steps and t.warmup_steps >= t.steps:
             raise ValueError(f"train.warmup_steps ({t.warmup_steps}) must be smaller than train.steps ({t.steps})")
+        seq = self.data.seq_length
+        if p.sp and seq % p.tp:
+            raise ValueError(f"parallel.sp=true splits the sequence over tp: data.seq_length ({seq}) "
+                             f"must be divisible by parallel.tp ({p.tp})")
+        if p.cp > 1 and seq % (2 * p.cp):
+            raise ValueError(f"parallel.cp={p.cp} splits the sequence into 2*cp chunks: data.seq_length ({seq}) "
+                             f"must be divisible by {2 * p.cp}")
         return self
+
+    def check_layout(self, world_size: int) -> int:
+        """Rules that need the world size; returns the data-parallel size. Raises ValueError naming the rule."""
+        p, t = self.parallel, self.train
+        dp = p.check_world_size(world_size)
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size * data-parallel size ({t.micro_batch_size} * {dp} = {per_step})"
+            )
+        n_micro = t.global_batch_size // per_step
+        if p.vpp and p.vpp > 1 and n_micro % p.pp:
+            raise ValueError(
+                f"the interleaved pipeline (parallel.vpp={p.vpp}) needs the number of micro-batches per step "
+                f"(global_batch_size / (micro_batch_size * dp) = {n_micro}) to be a multiple of parallel.pp ({p.pp})"
+            )
+        return dp

@@ -7,6 +7,7 @@ choice is kept inside this file so that a later switch touches nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -61,6 +62,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         if not te:
             raise ValueError("precision=fp8 needs Transformer Engine on a GPU")
         kwargs.update(fp8="hybrid", fp8_recipe=fp8_recipe, fp8_param=False)
+    if parallel.recompute != "none":
+        kwargs.update(recompute_granularity=parallel.recompute)
+        if parallel.recompute == "full":
+            kwargs.update(recompute_method=parallel.recompute_method, recompute_num_layers=parallel.recompute_layers)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -103,7 +108,23 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
     )
 
 
-def layer_spec(model: ModelConfig, tcfg):
+class SequenceParallelNorm:
+    """A torch LayerNorm/RMSNorm for sequence parallelism with the local spec, whose own norm refuses SP.
+
+    Under SP each TP rank normalises its slice of the sequence with the full (replicated) weight, so the
+    weight's gradient is partial: tagging it `sequence_parallel` makes finalize_model_grads all-reduce it
+    over the TP group, as megatron does for its fused norms."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+
+def layer_spec(model: ModelConfig, tcfg, vp_stage: int | None = None):
+    """TE spec on GPU; megatron's local spec otherwise (with SP-capable norms when SP is on)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -111,7 +132,15 @@ def layer_spec(model: ModelConfig, tcfg):
 
     if use_transformer_engine():
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=model.normalization)
+    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    if not tcfg.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm))
+    n_layers = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=SequenceParallelNorm)
 
 
 def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int) -> list[torch.nn.Module]:
@@ -119,13 +148,12 @@ def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int) -> list[torch.nn
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    spec = layer_spec(model, tcfg)
     vpp = tcfg.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
         chunk = GPTModel(
             config=tcfg,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=layer_spec(model, tcfg, vp_stage if vpp > 1 else None),
             vocab_size=vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -144,14 +172,16 @@ def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int) -> list[torch.nn
     return chunks
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], tcfg, distributed_optimizer: bool = False) -> list[torch.nn.Module]:
-    """megatron DDP: contiguous fp32 grad buffers, bucketed all-reduce / reduce-scatter."""
+def wrap_ddp(chunks: list[torch.nn.Module], tcfg, parallel: ParallelConfig) -> list[torch.nn.Module]:
+    """megatron DDP: contiguous fp32 grad buffers, bucketed all-reduce / reduce-scatter, optionally
+    overlapped with the backward pass (and the distributed optimizer's param all-gather with the forward)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=distributed_optimizer,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        use_distributed_optimizer=parallel.distributed_optimizer,
     )
     return [
         DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)

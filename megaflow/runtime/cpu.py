@@ -214,6 +214,8 @@ def _patch_megatron() -> None:
 
     mp_random.initialize_rng_tracker = initialize_rng_tracker
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # Activation recomputation saves and restores "CUDA" RNG states around the recomputed forward.
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
 
 
 def enable() -> bool:

@@ -51,16 +51,9 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
 
 
 def num_microbatches(cfg: StageConfig) -> int:
+    """Micro-batches per step on each data-parallel rank (divisibility is checked by StageConfig.check_layout)."""
     _, dp = data_parallel_rank_and_size()
-    per_step = cfg.train.micro_batch_size * dp
-    if cfg.train.global_batch_size % per_step:
-        from megaflow.errors import UserError
-
-        raise UserError(
-            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size * data-parallel size ({per_step})"
-        )
-    return cfg.train.global_batch_size // per_step
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
 def build_model(cfg: StageConfig, vocab_size: int):
@@ -68,7 +61,7 @@ def build_model(cfg: StageConfig, vocab_size: int):
     tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.fp8_recipe)
     tcfg.calculate_per_token_loss = True
     chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size)
-    return gpt.wrap_ddp(chunks, tcfg, cfg.parallel.distributed_optimizer), tcfg
+    return gpt.wrap_ddp(chunks, tcfg, cfg.parallel), tcfg
 
 
 def _reduce_losses(losses: list[dict], names: tuple[str, ...]) -> dict[str, float]:
@@ -187,8 +180,11 @@ class Trainer:
         self.model, self.tcfg = build_model(cfg, vocab_size)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.tcfg.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        one = len(self.model) == 1
+        self.tcfg.no_sync_func = self.model[0].no_sync if one else [m.no_sync for m in self.model]
         self.tcfg.finalize_model_grads_func = finalize_model_grads
+        if cfg.parallel.overlap_grad_reduce:  # the schedule starts each chunk's reduce as its backward ends
+            self.tcfg.grad_sync_func = self.model[0].start_grad_sync if one else [m.start_grad_sync for m in self.model]
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
         self.num_microbatches = num_microbatches(cfg)
         self.state = TrainState()
@@ -239,9 +235,25 @@ class Trainer:
             "skipped_total": self.skipped_total,
         } | {k: v for k, v in reduced.items() if k not in (main, "_tokens")}
 
+    @contextlib.contextmanager
+    def params_synced(self):
+        """With overlap_param_gather the updated parameters are all-gathered lazily by the next forward's
+        hooks; evaluation and checkpoints need them now (megatron's training loop does the same)."""
+        if not self.cfg.parallel.overlap_param_gather:
+            yield
+            return
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook()  # also all-gathers synchronously
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
+
     def evaluate(self, make_iterators: Callable[[], list[Iterator]], iters: int) -> dict[str, float]:
-        return evaluate(self.model, self.task, make_iterators(), iters, self.num_microbatches,
-                        self.cfg.data.seq_length, self.cfg.train.micro_batch_size)
+        with self.params_synced():
+            return evaluate(self.model, self.task, make_iterators(), iters, self.num_microbatches,
+                            self.cfg.data.seq_length, self.cfg.train.micro_batch_size)
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
@@ -253,9 +265,17 @@ class Trainer:
         meta = {**self.meta, "stage": self.cfg.stage, "step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "consumed_samples": self.state.consumed_samples, "parallel_at_save": self.layout,
                 **({"consumed_per_dataset": extra["consumed_per_dataset"]} if "consumed_per_dataset" in extra else {})}
-        return checkpoint.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
-                                          self.scheduler, extra, meta, keep=self.cfg.checkpoint.keep,
-                                          stage=self.cfg.stage)
+        with self.params_synced():
+            return checkpoint.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
+                                              self.scheduler, extra, meta, keep=self.cfg.checkpoint.keep,
+                                              stage=self.cfg.stage)
+
+    def init_weights_from(self, ckpt: str | Path) -> None:
+        """Start from another checkpoint's weights (saved in any layout); the optimizer's main (fp32)
+        copies of the parameters follow."""
+        checkpoint.load_weights(ckpt, self.model)
+        self.optimizer.reload_model_params()
+        dist.print_rank0(f"initialised weights from {ckpt}")
 
     def maybe_resume(self) -> bool:
         """Continue from the newest usable checkpoint (a corrupt one falls back to the one before)."""

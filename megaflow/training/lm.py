@@ -21,6 +21,17 @@ def causal_mask(seq_length: int) -> torch.Tensor | None:
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)[None, None]
 
 
+def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Under context parallelism each rank keeps 2 of the sequence's 2*cp chunks (rank r: chunks r and
+    2cp-1-r, which balances causal attention work); megatron's split, along dim 1 of every tensor."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group())
+
+
 class LanguageModelTask:
     """Batches are dicts of `tokens`, `labels`, `loss_mask` ([batch, seq] each)."""
 
@@ -28,14 +39,21 @@ class LanguageModelTask:
 
     @staticmethod
     def get_batch(data_iterator):
+        """The micro-batch on this rank's device; under context parallelism, this rank's part of the
+        sequence (the causal mask is TE's, so only the local spec's full-length mask is built)."""
         batch = next(data_iterator)
         device = dist.device()
         tokens = batch["tokens"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
         mask = causal_mask(tokens.shape[1])
-        return tokens, labels, loss_mask, (mask.to(device) if mask is not None else None), position_ids
+        local = slice_for_context_parallel({
+            "tokens": tokens,
+            "labels": batch["labels"].to(device, non_blocking=True),
+            "loss_mask": batch["loss_mask"].to(device, non_blocking=True),
+            "position_ids": position_ids,
+        })
+        return (local["tokens"], local["labels"], local["loss_mask"], (mask.to(device) if mask is not None else None),
+                local["position_ids"])
 
     @staticmethod
     def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

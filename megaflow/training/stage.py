@@ -19,13 +19,13 @@ def stage_dir(cfg: StageConfig) -> Path:
 
 
 def setup_runtime(cfg: StageConfig) -> None:
+    """Check the layout against the world size (before megatron is touched), then set up processes."""
     p = cfg.parallel
     try:
-        env = dist.setup(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed)
+        cfg.check_layout(dist.read_env().world_size)
+        dist.setup(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed)
     except ValueError as e:
-        raise UserError(f"parallel: {e}") from None
-    if p.dp is not None and p.dp * p.tp * p.pp * p.cp != env.world_size:
-        raise UserError(f"parallel.dp ({p.dp}) * tp * pp * cp != world size ({env.world_size})")
+        raise UserError(str(e)) from None
 
 
 def ensure_tokenizer(cfg: StageConfig) -> tuple[Tokenizer, str]:

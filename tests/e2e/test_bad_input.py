@@ -31,6 +31,14 @@ def test_bad_config(tmp_path, overrides, needles):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_layout_that_does_not_fit_the_world(tmp_path):
+    """Checked before the ranks are started (and so before any model is built)."""
+    proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), "parallel.tp=2", "--nproc-per-node", "3",
+                        cwd=tmp_path)
+    _fails_cleanly(proc, "--nproc-per-node 3: world size 3 is not divisible by parallel.tp*pp*cp (2*1*1 = 2)")
+    assert not list(tmp_path.iterdir())
+
+
 def test_missing_data_file(tmp_path):
     proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), cwd=tmp_path)
     _fails_cleanly(proc, "file not found", "data/sample/tinyshakespeare.txt")

@@ -57,3 +57,42 @@ def test_missing_and_invalid_files(tmp_path):
     missing_parent.write_text("extends: parent.yaml\n")
     with pytest.raises(ConfigError, match="config file not found: .*parent.yaml"):
         load_config(missing_parent)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.vpp=2"], "parallel.vpp > 1 requires parallel.pp > 1"),
+        (["parallel.overlap_param_gather=true"], "overlap_param_gather=true requires parallel.distributed_optimizer"),
+        (["parallel.tp=2", "parallel.sp=true", "data.seq_length=255"], "data.seq_length (255) must be divisible by parallel.tp (2)"),
+        (["parallel.cp=2", "data.seq_length=250"], "data.seq_length (250) must be divisible by 4"),
+        (["parallel.pp=3"], "parallel.pp*vpp (3) must divide model.num_layers (4)"),
+        (["parallel.tp=8"], "parallel.tp (8) must divide model.num_query_groups (4)"),
+        (["parallel.recompute=partial"], "parallel.recompute:"),
+    ],
+)
+def test_invalid_layout_is_one_clear_line(overrides, message):
+    test_bad_config_is_one_clear_line(overrides, message)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp*pp*cp (2*1*1 = 2)"),
+        (["parallel.tp=2", "parallel.dp=4"], 4, "parallel.dp=4 does not match the world size: 4 / (tp*pp*cp = 2) = 2"),
+        (["train.global_batch_size=16"], 32, "must be a multiple of train.micro_batch_size * data-parallel size (16 * 32 = 512)"),
+        (["parallel.pp=2", "parallel.vpp=2", "train.global_batch_size=48"], 2,
+         "needs the number of micro-batches per step (global_batch_size / (micro_batch_size * dp) = 3) to be a multiple of parallel.pp (2)"),
+    ],
+)
+def test_layout_against_world_size(overrides, world, message):
+    cfg = load_config(TINY, overrides)
+    with pytest.raises(ValueError) as e:
+        cfg.check_layout(world)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_valid_layouts_give_their_data_parallel_size():
+    assert load_config(TINY, ["parallel.tp=2", "parallel.pp=2", "train.global_batch_size=32"]).check_layout(8) == 2
+    assert load_config(TINY, ["parallel.pp=2", "parallel.vpp=2", "train.global_batch_size=32"]).check_layout(2) == 1
+    assert load_config(TINY, ["parallel.dp=2", "parallel.tp=2", "train.global_batch_size=32"]).check_layout(4) == 2
