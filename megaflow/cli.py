@@ -80,6 +80,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     p.add_argument("--no-checksums", action="store_true", help="check sizes only (fast on large checkpoints)")
+
+    p = sub.add_parser(
+        "plan", help="parameters, memory per GPU and compute budget of a config, from formulas",
+        description="Parameters, memory per GPU (weights, grads, optimizer state, activations) under the "
+                    "config's parallel layout and recomputation, whether it fits the GPU, and training FLOPs, "
+                    "GPU-hours and cost for a token budget. Formulas: megaflow/plan.py and docs/parallelism.md. "
+                    "Example: megaflow plan configs/models/llama3.1-70b.yaml precision=bf16 parallel.tp=8 "
+                    "parallel.pp=4 --seq-length 8192 --gpus 64 --tokens 15e12")
+    p.add_argument("config", help="a stage YAML file, or a model preset such as configs/models/llama3.1-8b.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. precision=bf16 parallel.tp=8 parallel.recompute=selective")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="world size; dp = N / (tp*pp*cp) (default: tp*pp*cp*dp, dp from parallel.dp or 1)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="memory of one GPU, GiB, for the fits / does-not-fit verdict (default: 80)")
+    p.add_argument("--seq-length", type=int, default=None, metavar="S",
+                   help="sequence length (default: data.seq_length if the config sets it, else "
+                        "model.max_position_embeddings)")
+    p.add_argument("--tokens", type=float, default=None, metavar="D",
+                   help="training token budget, e.g. 300e9 (default: train.steps * global_batch_size * seq)")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="T",
+                   help="peak TFLOP/s of one GPU (default, H100 SXM dense: 989 bf16, 1979 fp8, 67 fp32)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation, 0-1 (default: 0.4)")
+    p.add_argument("--price", type=float, default=None, metavar="P", help="price of one GPU-hour, for the cost line")
+    p.add_argument("--attention", choices=("flash", "unfused"), default="flash",
+                   help="flash (TE fused attention, the GPU default) stores no s*s scores; unfused (the CPU "
+                        "local spec) stores them (default: flash)")
+    p.add_argument("--overhead", type=float, default=3.0, metavar="GIB",
+                   help="fixed allowance per GPU for CUDA context, workspaces and fragmentation (default: 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     return parser
 
 
@@ -108,6 +138,10 @@ def _cmd_train(args) -> int:
         print(dump_config(cfg), end="")
         return 0
     if args.nproc_per_node and args.nproc_per_node > 1 and "RANK" not in os.environ:
+        try:
+            cfg.check_layout(args.nproc_per_node)  # one clear line here rather than one per rank
+        except ValueError as e:
+            raise UserError(f"--nproc-per-node {args.nproc_per_node}: {e}") from None
         return _relaunch(args.nproc_per_node)
     from megaflow.algorithms import pretrain
 
@@ -159,7 +193,18 @@ def _cmd_inspect(args) -> int:
     return 0 if info["complete"] else 1
 
 
-COMMANDS = {"inspect": _cmd_inspect, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval}
+def _cmd_plan(args) -> int:
+    from megaflow import plan
+
+    cfg = plan.load_plan_config(args.config, args.overrides, seq_length=args.seq_length)
+    result = plan.make_plan(cfg, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, tokens=args.tokens,
+                            peak_tflops=args.peak_tflops, mfu=args.mfu, price=args.price,
+                            flash_attention=args.attention == "flash", overhead_gib=args.overhead)
+    print(json.dumps(result.to_dict()) if args.json else plan.format_plan(result, title=f"{args.config}\n"))
+    return 0
+
+
+COMMANDS = {"inspect": _cmd_inspect, "plan": _cmd_plan, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval}
 
 
 def _quiet_known_warnings() -> None:
@@ -187,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"megaflow: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # every rank fails alike: say it once
+            print(f"megaflow: error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:
         print(f"megaflow: stopped: {e}", file=sys.stderr)
