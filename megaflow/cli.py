@@ -142,6 +142,11 @@ def _cmd_train(args) -> int:
             cfg.check_layout(args.nproc_per_node)  # one clear line here rather than one per rank
         except ValueError as e:
             raise UserError(f"--nproc-per-node {args.nproc_per_node}: {e}") from None
+        if cfg.parallel.cp > 1:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("parallel.cp > 1 needs GPUs: megatron's local (CPU) attention has no context parallelism")
         return _relaunch(args.nproc_per_node)
     from megaflow.algorithms import pretrain
 

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in one call (DESIGN §4, ../shared/gpu/README.md): the GPU tests (pretraining
-# through Transformer Engine in BF16 and FP8, evaluation reproduced from the final checkpoint), then the
-# 1B benchmark of megaflow's engine against bare megatron-core + TE and HF transformers.
+# One GPU session's checks, in one call (DESIGN §4, ../shared/gpu/README.md), most important first:
+#   1. the GPU tests: pretraining through Transformer Engine in BF16 and FP8, evaluation from the final
+#      checkpoint, distributed-optimizer checkpoints (fully_reshardable, sync and async) resumed exactly,
+#      and `megaflow plan`'s memory against measured memory;
+#   2. the 1B shape through `megaflow train pretrain` (tp=1, distributed optimizer), BF16 and FP8:
+#      tokens/s and peak memory next to `megaflow plan`'s estimate;
+#   3. the checkpoint stall of a synchronous vs an asynchronous save on the 1B shape;
+#   4. the 1B step benchmark against bare megatron-core + TE and HF transformers.
 # Usage on the GPU machine, after installing .whl: bash tools/gpu_check.sh [OUTDIR]
 set -uo pipefail
 OUT=${1:-${OUT:-bench-results}}
@@ -9,6 +14,26 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import megatron.core, transformer_engine.pytorch, torch; print('torch', torch.__version__, 'mcore', megatron.core.__version__)"
-timeout 200 python3 -m pytest -q -x -s -p no:cacheprovider tests/gpu 2>&1 | grep -v "Warning\|warn" | tail -25 | tee "$OUT/gpu_tests.txt"
-python3 tools/bench_pretrain.py --shape 1b --precision bf16,fp8 --repeats "${REPEATS:-2}" --max-minutes "${BENCH_MINUTES:-5}" \
+
+timeout 240 python3 -m pytest -q -x -s -p no:cacheprovider tests/gpu 2>&1 | grep -v "Warning\|warn" | tail -30 | tee "$OUT/gpu_tests.txt"
+
+for precision in bf16 fp8; do
+  timeout 150 python3 -m megaflow train pretrain --config configs/stages/pretrain-1b.yaml precision=$precision \
+    run.dir="$OUT/run-1b-$precision" run.progress=false 2>&1 | tail -3
+  python3 - "$OUT/run-1b-$precision/pretrain/metrics.jsonl" $precision <<'PY' | tee -a "$OUT/train_1b.txt"
+import json, statistics, subprocess, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"split"' not in l][5:]
+plan = json.loads(subprocess.run([sys.executable, "-m", "megaflow", "plan", "configs/stages/pretrain-1b.yaml",
+                                  f"precision={sys.argv[2]}", "--json"], capture_output=True, text=True).stdout)
+stage = plan["memory_gib"]["stages"][0]
+print(f"1b {sys.argv[2]} via megaflow train: {statistics.median(r['tok_per_s'] for r in rows):.0f} tok/s, "
+      f"mfu {statistics.median(r['mfu'] for r in rows):.3f}, peak allocated {max(r['peak_mem_gib'] for r in rows):.2f} GiB; "
+      f"plan: {stage['total'] - stage['overhead']:.2f} GiB without its {stage['overhead']} GiB allowance")
+PY
+done
+
+timeout 200 python3 tools/bench_checkpoint.py --config configs/stages/pretrain-1b.yaml --steps 24 --every 8 --repeats 1 \
+  --out "$OUT/bench_checkpoint_1b.json" 2>&1 | tail -5
+
+python3 tools/bench_pretrain.py --shape 1b --precision bf16,fp8 --repeats "${REPEATS:-1}" --max-minutes "${BENCH_MINUTES:-3}" \
   --out "$OUT/bench_pretrain_1b.json" 2>&1 | grep -v "Warning\|warn" | tail -40

@@ -141,6 +141,8 @@ class CheckpointConfig(Section):
     every: int = Field(0, ge=0)
     keep: int = Field(2, ge=1)
     resume: bool = True
+    # write in a background process while training goes on (megatron's asynchronous dist-checkpointing)
+    async_save: bool = False
 
 
 class ParallelConfig(Section):

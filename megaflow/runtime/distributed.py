@@ -8,6 +8,7 @@ so tests can build several layouts in one process.
 from __future__ import annotations
 
 import os
+import re
 import random
 import socket
 from dataclasses import dataclass
@@ -34,13 +35,15 @@ def _free_port() -> int:
 
 
 def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as `gpu[001-004,010],login1` (no scontrol needed)."""
-    head = nodelist.split(",")[0]
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    first = rest.rstrip("]").split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a SLURM node list such as `gpu[001-004,010],login1` or `rack[1-2]-node[01-04]`
+    (no scontrol needed): the first top-level item, each bracket replaced by its first value."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist[:end])
 
 
 def read_env() -> DistEnv:

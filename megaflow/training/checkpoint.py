@@ -112,10 +112,22 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _training_state_dict(model_chunks, optimizer, scheduler, extra: dict, is_loading: bool) -> dict:
+def optimizer_format() -> str:
+    """The distributed optimizer's checkpoint format. `fully_reshardable` (a canonical per-parameter state
+    that loads into any TP/PP/DP layout) wherever megatron's own Adam runs; megatron's default format
+    fails to save on a GPU, and on a CPU (torch-Adam fallback) fully_reshardable cannot load, so the CPU
+    keeps `dp_reshardable` and reloads it only into the same layout (DESIGN §3)."""
+    from megaflow.runtime import cpu
+
+    return "dp_reshardable" if cpu.is_enabled() else "fully_reshardable"
+
+
+def _training_state_dict(model_chunks, optimizer, scheduler, extra: dict, is_loading: bool,
+                         fmt: str | None = None) -> dict:
     model_sd = model_sharded_state_dict(model_chunks)
     state = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    state["optimizer"] = optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": fmt or optimizer_format()})
     state["scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_sharded_object()
     state["extra"] = extra
@@ -148,16 +160,20 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict, meta: dict,
-                    keep: int = 2, stage: str = "") -> Path:
+                    keep: int = 2, stage: str = "", async_queue=None) -> Path:
     """Save a complete training checkpoint and point `latest` at it; keep the newest `keep`.
 
     Written into `iter_N.tmp`; rank 0 then adds megaflow.json and the manifest (sizes, CRC-32), renames
     the directory into place and only then replaces `latest`. A crash at any point leaves either the
     previous state or the new complete checkpoint.
+
+    With an `async_queue` (megatron's AsyncCallsQueue) the tensors are staged in host memory here and
+    written by a background process while training goes on; the rename and `latest` happen when the
+    queue finalizes the save (`finalize_saves`), so an unfinished save is never loaded.
     """
     from megatron.core import dist_checkpointing
 
-    from megaflow.training import faults, manifest
+    from megaflow.training import faults
 
     name = f"iter_{step:07d}"
     final, tmp = ckpt_root / name, ckpt_root / f"{name}.tmp"
@@ -167,21 +183,44 @@ def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, schedul
     _barrier()
     state = _training_state_dict(model_chunks, optimizer, scheduler, {**extra, "step": step}, is_loading=False)
     _ensure_results_queue()
-    dist_checkpointing.save(state, str(tmp))
-    if faults.armed("kill_in_save", stage, step):
-        faults.kill_self()
-    _barrier()
-    if _rank() == 0:
-        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "kind": "training", **meta}, indent=2) + "\n")
-        manifest.write_manifest(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        manifest.fsync_dir(ckpt_root)
-        _write_atomic(ckpt_root / "latest", name + "\n")
-        for old in complete_checkpoints(ckpt_root)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+
+    def publish() -> None:
+        if faults.armed("kill_in_save", stage, step):
+            faults.kill_self()
+        if _rank() == 0:
+            _publish(tmp, final, ckpt_root, meta, keep)
+        _barrier()
+
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        _barrier()
+        publish()
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
+        request.finalize_fns.append(publish)  # after megatron's own (its .metadata file)
+        async_queue.schedule_async_request(request)
     return final
+
+
+def finalize_saves(async_queue, blocking: bool = False) -> None:
+    """Publish the asynchronous saves whose files are written (all of them when `blocking`). Every rank
+    must call this at the same points (megatron agrees on completion with a collective)."""
+    if async_queue is not None and async_queue.get_num_unfinalized_calls():
+        async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def _publish(tmp: Path, final: Path, ckpt_root: Path, meta: dict, keep: int) -> None:
+    """Rank 0, once every rank's files are written: metadata, manifest, rename, `latest`, pruning."""
+    from megaflow.training import manifest
+
+    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "kind": "training", **meta}, indent=2) + "\n")
+    manifest.write_manifest(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    manifest.fsync_dir(ckpt_root)
+    _write_atomic(ckpt_root / "latest", final.name + "\n")
+    for old in complete_checkpoints(ckpt_root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def find_resumable(ckpt_root: Path, warn=print) -> Path | None:
@@ -215,16 +254,21 @@ def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler, layout: 
 
     Model weights reshard across any TP/PP/DP layout. RNG states are per (PP, TP) rank and restored only
     when those sizes are unchanged. The plain optimizer's state reshards with the model; the distributed
-    optimizer's only when its layout is unchanged, otherwise the optimizer starts fresh (with a warning).
+    optimizer's too when it was saved fully_reshardable (GPU), else only into the same layout; otherwise
+    the optimizer starts fresh (with a warning).
     """
     from megatron.core import dist_checkpointing
 
-    saved = json.loads((ckpt_dir / META_FILE).read_text()).get("parallel_at_save", {})
+    meta = json.loads((ckpt_dir / META_FILE).read_text())
+    saved, fmt = meta.get("parallel_at_save", {}), meta.get("optimizer_format", "fully_sharded_model_space")
     same_rng_layout = all(saved.get(k) == layout.get(k) for k in ("tp", "pp", "vpp"))
     same_optimizer_kind = bool(saved.get("distributed_optimizer")) == bool(layout.get("distributed_optimizer"))
-    keep_optimizer = same_optimizer_kind and (not layout.get("distributed_optimizer") or saved == layout)
+    keep_optimizer = same_optimizer_kind and (
+        not layout.get("distributed_optimizer") or saved == layout or fmt == "fully_reshardable")
     safe_pickle.install()
-    state = _training_state_dict(model_chunks, optimizer, scheduler, {}, is_loading=True)
+    if keep_optimizer:
+        _init_empty_adam_state(optimizer)
+    state = _training_state_dict(model_chunks, optimizer, scheduler, {}, is_loading=True, fmt=fmt)
     if not same_rng_layout:
         del state["rng_state"]
         warn(f"warning: parallel layout changed ({_layout_str(saved)} -> {_layout_str(layout)}): RNG states not restored")
@@ -235,11 +279,44 @@ def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler, layout: 
     loaded = dist_checkpointing.load(state, str(ckpt_dir))
     _load_model_state(model_chunks, loaded)
     if keep_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the model's own
+            optimizer.load_state_dict(loaded["optimizer"])
+        extra = loaded["extra"]
+        _restore_adam_steps(optimizer, extra["step"] - extra.get("skipped_total", 0))
     scheduler.load_state_dict(loaded["scheduler"])
     if same_rng_layout:
         _restore_rng(loaded["rng_state"])
     return loaded["extra"]
+
+
+def _torch_adams(optimizer):
+    """The torch Adam(W) instances inside a megatron optimizer (the CPU's fallback for fused Adam)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            yield inner
+
+
+def _init_empty_adam_state(optimizer) -> None:
+    """A fresh torch Adam has no state until its first step, and megatron's distributed optimizer reads
+    that state to describe what it will load: give it zero moments and step 0 (then overwritten)."""
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for p in group["params"]:
+                if not adam.state[p]:
+                    adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+
+
+def _restore_adam_steps(optimizer, updates: int) -> None:
+    """Without apex/TE (the CPU), megatron's distributed optimizer runs torch's Adam and restores its
+    `step` as 0, one tensor shared by every parameter, which torch then increments once per parameter:
+    the bias correction of every resumed step would be wrong. Each parameter gets its own count of the
+    updates applied so far (steps minus the skipped non-finite ones)."""
+    for adam in _torch_adams(optimizer):
+        for state in adam.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = torch.tensor(float(updates))
 
 
 def _layout_str(layout: dict) -> str:

@@ -199,6 +199,11 @@ class Trainer:
         self.bad_steps = 0  # consecutive non-finite steps
         self.skipped_total = 0
         self.stop_signal: str | None = None
+        self.async_saves = None
+        if cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_saves = AsyncCallsQueue()
 
     # -- one step -------------------------------------------------------------------------------------
 
@@ -264,11 +269,12 @@ class Trainer:
             extra["consumed_per_dataset"] = self.data_position(self.state.consumed_samples)
         meta = {**self.meta, "stage": self.cfg.stage, "step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "consumed_samples": self.state.consumed_samples, "parallel_at_save": self.layout,
+                "optimizer_format": checkpoint.optimizer_format(),
                 **({"consumed_per_dataset": extra["consumed_per_dataset"]} if "consumed_per_dataset" in extra else {})}
         with self.params_synced():
             return checkpoint.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
                                               self.scheduler, extra, meta, keep=self.cfg.checkpoint.keep,
-                                              stage=self.cfg.stage)
+                                              stage=self.cfg.stage, async_queue=self.async_saves)
 
     def init_weights_from(self, ckpt: str | Path) -> None:
         """Start from another checkpoint's weights (saved in any layout); the optimizer's main (fp32)
@@ -313,6 +319,8 @@ class Trainer:
                 self.state.tokens_seen += self.tokens_per_step
                 m |= {"step_time": dt, "tok_per_s": self.tokens_per_step / dt,
                       "mfu": self.flops_per_step / dt / self.peak, "tokens_seen": self.state.tokens_seen}
+                if dist.device().type == "cuda":  # compare with `megaflow plan`
+                    m["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 if self.state.step % cfg.run.log_every == 0 or self.state.step == cfg.train.steps:
                     self.metrics.log(self.state.step, m)
                 bar.update(1)
@@ -321,9 +329,11 @@ class Trainer:
                 if self._should_stop(start_time):
                     bar.close()
                     self.save()
+                    checkpoint.finalize_saves(self.async_saves, blocking=True)
                     dist.print_rank0(f"{self.stop_reason} at step {self.state.step}: checkpoint saved, exiting to resume later")
                     return "stopped"
         bar.close()
+        checkpoint.finalize_saves(self.async_saves, blocking=True)  # a save in flight is finished before we go on
         return "done"
 
     def _after_step(self, bar, make_valid_iterators) -> None:
@@ -338,8 +348,13 @@ class Trainer:
             self.metrics.log(step, self.last_eval, prefix="valid")
             if self.is_writer:
                 bar.write(f"step {step}: valid loss {self.last_eval['loss']:.4f} ppl {self.last_eval['ppl']:.2f}")
+        checkpoint.finalize_saves(self.async_saves)  # publish background saves that have finished
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            t0 = time.perf_counter()
             self.save()
+            # how long training waited: the whole save, or only the staging of an asynchronous one
+            self.metrics.log(step, {"stall_s": time.perf_counter() - t0, "async": self.async_saves is not None},
+                             prefix="checkpoint")
         if faults.armed("kill", cfg.stage, step):
             faults.kill_self()
         if faults.armed("sigterm", cfg.stage, step):
@@ -363,4 +378,6 @@ class Trainer:
             (self.stage_dir / name).write_text(json.dumps(payload, indent=2) + "\n")
 
     def close(self) -> None:
+        if self.async_saves is not None:
+            self.async_saves.close()
         self.metrics.close()

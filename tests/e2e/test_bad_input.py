@@ -39,6 +39,14 @@ def test_layout_that_does_not_fit_the_world(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU-only refusal")
+def test_context_parallel_on_cpu(tmp_path):
+    proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), "parallel.cp=2", "--nproc-per-node", "2",
+                        cwd=tmp_path)
+    _fails_cleanly(proc, "parallel.cp > 1 needs GPUs")
+    assert not list(tmp_path.iterdir())
+
+
 def test_missing_data_file(tmp_path):
     proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), cwd=tmp_path)
     _fails_cleanly(proc, "file not found", "data/sample/tinyshakespeare.txt")

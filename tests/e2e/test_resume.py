@@ -102,6 +102,27 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(workdir, tiny_pretrain, refer
     assert _trajectory(workdir, run_dir) == reference
 
 
+@pytest.mark.parametrize("fault, resumes_at", [("sigterm@pretrain:13", 13), ("kill_in_save@pretrain:20", 15)])
+def test_async_saves_resume_exactly(workdir, tiny_pretrain, reference, fault, resumes_at):
+    """checkpoint.async_save: files are written by a background process while training goes on; a save
+    in flight is finished before a stop, and one interrupted before it is published is never loaded."""
+    run_dir = f"runs/resume-async-{fault.split('@')[0]}"
+    first = _train(workdir, tiny_pretrain, run_dir, "checkpoint.async_save=true", fault=fault)
+    ckpts = workdir / run_dir / "pretrain" / "checkpoints"
+    if fault.startswith("sigterm"):
+        assert first.returncode == 0, first.stderr[-3000:]
+    else:
+        assert first.returncode == -signal.SIGKILL
+        assert (ckpts / "iter_0000020.tmp").is_dir()  # written in the background, never published
+    assert (ckpts / "latest").read_text().strip() == f"iter_{resumes_at:07d}"
+    _assert_complete_checkpoints_verify(workdir, run_dir)
+    second = _train(workdir, tiny_pretrain, run_dir, "checkpoint.async_save=true")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"at step {resumes_at}" in second.stdout
+    assert (ckpts / "latest").read_text().strip() == f"iter_{STEPS:07d}"  # the last save was finished before exit
+    assert _trajectory(workdir, run_dir) == reference
+
+
 def test_corrupted_newest_checkpoint_falls_back_to_the_one_before(workdir, tiny_pretrain, reference):
     run_dir = "runs/resume-corrupt"
     first = _train(workdir, tiny_pretrain, run_dir, fault="kill@pretrain:22")
@@ -124,10 +145,16 @@ def test_nan_step_is_skipped_and_counted(workdir, tiny_pretrain, reference):
     proc = _train(workdir, tiny_pretrain, run_dir, fault="nan@pretrain:7")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (workdir / run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "split" not in r]
     assert rows[6]["step"] == 7 and not rows[6]["update_ok"] and rows[6]["skipped_total"] == 1
     assert rows[5]["loss"] == reference[5][1]  # untouched before the fault
     assert all(r["update_ok"] for r in rows[7:]) and rows[-1]["skipped_total"] == 1
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # the skipped step did not poison the weights
+    # A resume after a skipped step continues exactly too (Adam's step count is updates, not steps).
+    killed = _train(workdir, tiny_pretrain, run_dir + "-killed", fault="nan@pretrain:7,kill@pretrain:12")
+    assert killed.returncode == -signal.SIGKILL
+    assert _train(workdir, tiny_pretrain, run_dir + "-killed").returncode == 0
+    assert _trajectory(workdir, run_dir + "-killed") == _trajectory(workdir, run_dir)
 
 
 def test_consecutive_nan_steps_stop_the_run(workdir, tiny_pretrain):

@@ -41,6 +41,7 @@ def test_single_process(clean_env):
 
 @pytest.mark.parametrize("nodelist, first", [
     ("node1", "node1"), ("gpu[001-004,010]", "gpu001"), ("a[3,5],b7", "a3"), ("login2,gpu[1-2]", "login2"),
+    ("gpu[001-002]-ib", "gpu001-ib"), ("rack[1-2]-node[01-04],x9", "rack1-node01"), ("n[07,09-12]", "n07"),
 ])
 def test_first_host_of_a_nodelist(nodelist, first):
     assert _first_slurm_host(nodelist) == first

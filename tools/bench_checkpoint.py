@@ -1,0 +1,72 @@
+"""Checkpoint stall: how long training waits for a synchronous save vs an asynchronous one.
+
+Runs `megaflow train pretrain` with `checkpoint.async_save=false` and `=true` (interleaved repeats) on
+the same config and reads the `checkpoint` records of metrics.jsonl: `stall_s` is the time the training
+loop spent inside the save call (the whole write when synchronous; staging the tensors in host memory
+and starting the writer process when asynchronous). It also reports the step time of the step after
+each save, where a background writer competes with training, against the median step time.
+
+    python tools/bench_checkpoint.py                                   # CPU: the test config, 60 steps
+    python tools/bench_checkpoint.py --config configs/stages/pretrain-1b.yaml --steps 40 --every 10 \\
+        parallel.distributed_optimizer=true precision=bf16              # GPU: the 1B shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_once(config: str, steps: int, every: int, async_save: bool, overrides: list[str], work: Path) -> dict:
+    run_dir = work / f"run-{'async' if async_save else 'sync'}"
+    cmd = [sys.executable, "-m", "megaflow", "train", "pretrain", "--config", config, f"train.steps={steps}",
+           f"checkpoint.every={every}", "checkpoint.keep=2", f"checkpoint.async_save={str(async_save).lower()}",
+           "eval.every=0", "eval.final=false", "checkpoint.resume=false", "run.progress=false",
+           f"run.dir={run_dir}", *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"bench_checkpoint: run failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["step_time"] for r in rows if "split" not in r}
+    saves = [r for r in rows if r.get("split") == "checkpoint"]
+    after = [train[r["step"] + 1] for r in saves if r["step"] + 1 in train]
+    return {"stall_s": statistics.median(r["stall_s"] for r in saves), "saves": len(saves),
+            "step_s": statistics.median(train.values()), "step_after_save_s": statistics.median(after) if after else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "stages" / "pretrain-test.yaml"))
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON results (default: bench-results/bench_checkpoint.json)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    a = ap.parse_args()
+    results = {"sync": [], "async": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(a.repeats):
+            for mode in ("sync", "async"):
+                results[mode].append(run_once(a.config, a.steps, a.every, mode == "async", a.overrides, Path(tmp)))
+    table = {mode: {k: statistics.median(r[k] for r in runs if r[k] is not None) for k in runs[0]}
+             for mode, runs in results.items()}
+    print(f"{'mode':6} {'stall per save (s)':>19} {'median step (s)':>16} {'step after a save (s)':>22}")
+    for mode, m in table.items():
+        print(f"{mode:6} {m['stall_s']:19.3f} {m['step_s']:16.3f} {m['step_after_save_s']:22.3f}")
+    print(f"async / sync stall: {table['async']['stall_s'] / table['sync']['stall_s']:.2f}")
+    out = Path(a.out or os.environ.get("OUT", "bench-results")) / "bench_checkpoint.json" if not a.out else Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "median": table, "runs": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
