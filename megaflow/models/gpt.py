@@ -165,11 +165,32 @@ def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int) -> list[torch.nn
             rope_scaling_factor=model.rope_scaling.factor if model.rope_scaling else 8.0,
             vp_stage=vp_stage if vpp > 1 else None,
         )
+        _own_inverse_frequencies(chunk, model)
         chunks.append(chunk)
     if not cpu.is_enabled():
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
     return chunks
+
+
+def _own_inverse_frequencies(chunk: torch.nn.Module, model: ModelConfig) -> None:
+    """megatron's RoPE takes an integer base, and its Llama-3.1 scaling only the factor (low/high frequency
+    factors and original context fixed at 1, 4, 8192); other values get the same formulas with their own
+    numbers. RoPE keeps `inv_freq` as a plain attribute: it survives `.cuda()` and never enters a checkpoint."""
+    rotary = getattr(chunk, "rotary_pos_emb", None)
+    scaling = model.rope_scaling
+    custom_scaling = scaling is not None and not scaling.megatron_defaults
+    if rotary is None or not (custom_scaling or model.rotary_base != int(model.rotary_base)):
+        return
+    dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+    inv_freq = 1.0 / (model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if scaling is not None:
+        inv_freq = rotary._apply_scaling(
+            inv_freq, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+            original_max_position_embeddings=scaling.original_max_position_embeddings,
+        )
+    rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], tcfg, parallel: ParallelConfig) -> list[torch.nn.Module]:
