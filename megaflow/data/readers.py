@@ -184,3 +184,84 @@ def _parquet_documents(path, field: str, invalid_utf8: str, stats: ReadStats) ->
                 raise DataError(f"{path}: row {row}: column {field!r} is not a string (got {type(value).__name__})")
             yield value
         stats.bytes_read = file_size * row // rows_total
+
+
+# --- whole records (SFT, preference and prompt data) ----------------------------------------------
+
+
+def iter_records(path: str | os.PathLike, invalid_utf8: str = "replace") -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) for every record of a jsonl(.gz) or parquet file, or of a local Hugging Face
+    `datasets` directory; `where` is "FILE:LINE" (jsonl) or "FILE: row N" for error messages.
+
+    A `datasets` directory is what `Dataset.save_to_disk` writes (state.json + Arrow stream files; for a
+    DatasetDict, its `train` split is read) or a snapshot of a dataset repository (its jsonl/parquet files
+    in name order). Blank jsonl lines are skipped; a line that is not a JSON object is a DataError.
+    """
+    if os.path.isdir(path):
+        yield from _directory_records(Path(path), invalid_utf8)
+        return
+    if not os.path.isfile(path):
+        raise DataError(f"input file not found: {path}")
+    fmt = input_format(path)
+    if fmt == "parquet":
+        yield from _parquet_records(path)
+    elif fmt == "jsonl":
+        for lineno, line in _decoded_lines(path, invalid_utf8, ReadStats()):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                "expected one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield f"{path}:{lineno}", record
+    else:
+        raise DataError(f"{path}: expected a .jsonl, .jsonl.gz or .parquet file or a datasets directory")
+
+
+def _parquet_records(path) -> Iterator[tuple[str, dict]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path}: row {row}", record
+
+
+def _directory_records(directory: Path, invalid_utf8: str) -> Iterator[tuple[str, dict]]:
+    import pyarrow
+
+    if (directory / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one directory per split
+        if not (directory / "train" / "state.json").is_file():
+            raise DataError(f"{directory}: a datasets DatasetDict without a 'train' split; name a split directory")
+        directory = directory / "train"
+    if (directory / "state.json").is_file():  # Dataset.save_to_disk
+        try:
+            files = [f["filename"] for f in json.loads((directory / "state.json").read_text())["_data_files"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{directory / 'state.json'}: not a datasets state file ({e})") from None
+        row = 0
+        for name in files:
+            try:
+                with pyarrow.memory_map(str(directory / name)) as source:
+                    for batch in pyarrow.ipc.open_stream(source):
+                        for record in batch.to_pylist():
+                            row += 1
+                            yield f"{directory / name}: row {row}", record
+            except (pyarrow.ArrowException, OSError) as e:
+                raise DataError(f"{directory / name}: not a readable Arrow file ({e})") from None
+        return
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and input_format(p) in ("jsonl", "parquet") and not p.name.endswith(".json"))
+    if not files:
+        raise DataError(f"{directory}: no .jsonl, .jsonl.gz or .parquet files and no datasets state.json")
+    for file in files:
+        yield from iter_records(file, invalid_utf8)

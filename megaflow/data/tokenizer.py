@@ -189,6 +189,28 @@ class Tokenizer:
         """Id of a special token by name ('eod', 'user', ...); KeyError if this tokenizer lacks it."""
         return self._special_ids[name]
 
+    def with_special_tokens(self, tokens: dict[str, str], chat_template: str | None = None) -> Tokenizer:
+        """A copy with `tokens` (name -> token string, names as in SPECIAL_TOKENS) added where the vocabulary
+        lacks them, as new ids after the existing ones, and `chat_template` if given.
+
+        SFT on a tokenizer without a chat template uses megaflow's built-in one, whose role tokens must be
+        single tokens; the model's embedding then grows to the new vocab_size. Only tokenizer.json
+        tokenizers can grow: a SentencePiece model cannot take new pieces without rewriting its file.
+        The copy's `path` still names the original files, which lack the new tokens: save the copy before
+        giving it to anything that reloads a tokenizer by path."""
+        special, template = {**self._special_tokens, **tokens}, chat_template or self._chat_template
+        missing = [t for t in tokens.values() if self._backend.token_to_id(t) is None]
+        if not missing:
+            return Tokenizer(self._backend, special, template, self.path, self._config)
+        if not isinstance(self._backend, _HFBackend):
+            raise DataError(f"{self.path}: cannot add special tokens {missing} to a SentencePiece tokenizer; "
+                            "give a tokenizer.json, or a chat template that uses the tokenizer's own tokens")
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_str(self._backend.tokenizer.to_str())
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        return Tokenizer(_HFBackend(hf), special, template, self.path, self._config)
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
 
