@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=None, help="sequence length (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="comma-separated lm-evaluation-harness tasks, instead of --metrics (needs megaflow[eval])")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a directory of local lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: at most N documents per task")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="lm-eval: few-shot examples")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     p = sub.add_parser("inspect", help="show what a checkpoint holds and whether it is complete",
                        description="Stage, step, tokens seen, model config, tokenizer, parallel layout at save time, "
@@ -80,6 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     p.add_argument("--no-checksums", action="store_true", help="check sizes only (fast on large checkpoints)")
+
+    p = sub.add_parser("convert", help="convert between Hugging Face and megaflow checkpoints",
+                       description="Hugging Face <-> megaflow checkpoints (Llama 1/2/3/3.1, Mistral, Qwen2, GPT-2). "
+                                   "See docs/convert.md.")
+    csub = p.add_subparsers(dest="convert_command", metavar="DIRECTION", required=True)
+    c = csub.add_parser("hf-to-megaflow", help="an HF model directory -> a megaflow final checkpoint",
+                        description="Read config.json, (sharded) safetensors and the tokenizer files of an HF model "
+                                    "directory and write a megaflow final checkpoint (loads into any TP/PP layout).")
+    c.add_argument("--hf", required=True, metavar="DIR", help="HF model directory (config.json, model*.safetensors)")
+    c.add_argument("--out", required=True, metavar="CKPT", help="the megaflow checkpoint directory to write")
+    c = csub.add_parser("megaflow-to-hf", help="a megaflow checkpoint -> an HF model directory",
+                        description="Write the weights of a megaflow final checkpoint as sharded safetensors with "
+                                    "their index, config.json, generation_config.json and the tokenizer files.")
+    c.add_argument("--ckpt", required=True, metavar="CKPT", help="a megaflow final/ checkpoint")
+    c.add_argument("--out", required=True, metavar="DIR", help="the HF model directory to write")
+    c.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors shard (default: 5GB)")
+    c.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="tensor dtype (default: the original HF checkpoint's, else float32)")
+    for c in csub.choices.values():
+        c.add_argument("--verify", action="store_true",
+                       help="run both models on a few sequences (transformers, fp32) and fail above --tolerance")
+        c.add_argument("--tolerance", type=float, default=None, metavar="T",
+                       help="largest allowed max |logit difference| for --verify (default: 1e-3)")
+        c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        c.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
 
     p = sub.add_parser(
         "plan", help="parameters, memory per GPU and compute budget of a config, from formulas",
@@ -110,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead", type=float, default=3.0, metavar="GIB",
                    help="fixed allowance per GPU for CUDA context, workspaces and fragmentation (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    _add_inference_commands(sub)
     return parser
 
 
@@ -174,6 +205,18 @@ def _cmd_preprocess(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.lm_eval:
+        from megaflow.eval.lm_eval_adapter import run_lm_eval
+
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        result = run_lm_eval(args.ckpt, tasks, include_path=args.lm_eval_include, limit=args.limit,
+                             num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for task, metrics in result["lm_eval"].items():
+                print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        return 0
     from megaflow.eval.perplexity import evaluate_checkpoint
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -209,7 +252,126 @@ def _cmd_plan(args) -> int:
     return 0
 
 
-COMMANDS = {"inspect": _cmd_inspect, "plan": _cmd_plan, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval}
+def _add_inference_commands(sub) -> None:
+    """`generate` and `chat` (megaflow/inference, docs/inference.md)."""
+
+    def common(p: argparse.ArgumentParser, max_new: int) -> None:
+        p.add_argument("ckpt", help="a final checkpoint directory (weights/, megaflow.json, tokenizer/)")
+        p.add_argument("--max-new-tokens", type=int, default=max_new, metavar="N", help=f"default: {max_new}")
+        p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 means greedy (default: 1.0)")
+        p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1.0, off)")
+        p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (default: 0, off)")
+        p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+        p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: a fresh one)")
+        p.add_argument("--stop", action="append", default=[], metavar="STR",
+                       help="stop when the text contains STR (repeatable); end-of-document and end-of-turn "
+                            "tokens always stop")
+        p.add_argument("--system", default=None, metavar="TEXT", help="system message of the chat template")
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (with --nproc-per-node or torchrun)")
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (with --nproc-per-node or torchrun)")
+        _add_launch(p)
+
+    p = sub.add_parser("generate", help="complete prompts with a checkpoint (KV-cache sampling)",
+                       description="Complete one or more prompts (one batch) with a final checkpoint. Prints the "
+                                   "completions, or with --json one object: params and per prompt the text, "
+                                   "token ids, per-token log-probs and finish reason.")
+    common(p, 128)
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for a batch")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the tokenizer's chat template")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; for checks)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p = sub.add_parser("chat", help="talk to a checkpoint (interactive, streams tokens)",
+                       description="An interactive conversation on stdin/stdout with the tokenizer's chat template. "
+                                   "Answers stream to stdout; /reset starts over, /exit or end of input quits.")
+    common(p, 256)
+
+
+def _sampling_params(args):
+    from megaflow.inference import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop_strings=args.stop)
+
+
+def _inference_launch(args) -> int | None:
+    """Relaunch under torch.distributed.run for --nproc-per-node; None when this process goes on."""
+    if args.tp < 1 or args.pp < 1:
+        raise UserError("--tp and --pp must be at least 1")
+    n = args.nproc_per_node
+    if n and n > 1 and "RANK" not in os.environ:
+        if n % (args.tp * args.pp):
+            raise UserError(f"--nproc-per-node {n} is not divisible by tp*pp = {args.tp * args.pp}")
+        return _relaunch(n)
+    return None
+
+
+def _cmd_generate(args) -> int:
+    params = _sampling_params(args)
+    if args.system and not args.chat:
+        raise UserError("--system needs --chat (it is a message of the chat template)")
+    relaunched = _inference_launch(args)
+    if relaunched is not None:
+        return relaunched
+    from megaflow.inference import generate, load_for_inference
+    from megaflow.runtime import distributed as dist
+
+    model = load_for_inference(args.ckpt, tp=args.tp, pp=args.pp)
+    prompts = list(args.prompt)
+    if args.chat:
+        from megaflow.inference.chat import chat_template
+
+        template = chat_template(model.tokenizer)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [template.prompt_ids(system + [{"role": "user", "content": p}]) for p in args.prompt]
+    completions = generate(model, prompts, params, use_cache=not args.no_cache)
+    if dist.is_rank0():
+        if args.json:
+            from dataclasses import asdict
+
+            out = [{"prompt": text, **c.to_dict()} for text, c in zip(args.prompt, completions)]
+            print(json.dumps({"checkpoint": args.ckpt, "params": asdict(params), "completions": out}))
+        else:
+            print("\n---\n".join(c.text for c in completions))
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    params = _sampling_params(args)
+    relaunched = _inference_launch(args)
+    if relaunched is not None:
+        return relaunched
+    from megaflow.inference import load_for_inference
+    from megaflow.inference.chat import repl
+
+    return repl(load_for_inference(args.ckpt, tp=args.tp, pp=args.pp), params, system=args.system)
+
+
+def _cmd_convert(args) -> int:
+    # On the CPU, whatever the machine: the whole model is built in one process, and host memory holds
+    # models that one GPU cannot (docs/convert.md).
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from megaflow.convert import hf_to_megaflow, megaflow_to_hf
+
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    if args.convert_command == "hf-to-megaflow":
+        result = hf_to_megaflow(args.hf, args.out, verify=args.verify, tolerance=args.tolerance,
+                                overwrite=args.overwrite, log=log)
+    else:
+        result = megaflow_to_hf(args.ckpt, args.out, verify=args.verify, tolerance=args.tolerance, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, overwrite=args.overwrite, log=log)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    line = f"{result['architecture']} -> {result['out']} ({result['shards']} shard{'s' if result['shards'] != 1 else ''})"
+    if result["max_abs_logit_diff"] is not None:
+        line += f"; verify: max |logit difference| {result['max_abs_logit_diff']:.3g}"
+    print(line)
+    return 0
+
+
+COMMANDS = {"convert": _cmd_convert, "inspect": _cmd_inspect, "plan": _cmd_plan, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval}
+COMMANDS.update(generate=_cmd_generate, chat=_cmd_chat)
 
 
 def _quiet_known_warnings() -> None:

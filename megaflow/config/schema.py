@@ -24,10 +24,26 @@ class RunConfig(Section):
 
 
 class RopeScaling(Section):
-    """Llama-3.1 style frequency scaling (megatron fixes low/high factors 1/4 and original context 8192)."""
+    """Llama-3.1 style frequency scaling. megatron's own fixes the low/high frequency factors and the
+    original context at 1, 4 and 8192; other values get megaflow's inverse frequencies (models/gpt.py)."""
 
     type: Literal["llama3"] = "llama3"
     factor: float = Field(8.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, ge=1)
+
+    @model_validator(mode="after")
+    def _factors(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling.high_freq_factor ({self.high_freq_factor}) must be larger than "
+                             f"low_freq_factor ({self.low_freq_factor})")
+        return self
+
+    @property
+    def megatron_defaults(self) -> bool:
+        """True when megatron's built-in scaling (low 1, high 4, original context 8192) is exactly this one."""
+        return (self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings) == (1.0, 4.0, 8192)
 
 
 class ModelConfig(Section):

@@ -1,0 +1,98 @@
+"""lm-evaluation-harness through megaflow: a local task (no hub download) scored by `megaflow eval
+--lm-eval`, and the adapter's log-likelihoods equal transformers' (lm-eval's own HF model) on the same
+weights, converted with `megaflow convert megaflow-to-hf`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_megaflow
+
+pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    ("To be, or not to be, that is the", ["question", "answer", "window"], 0),
+    ("Now is the winter of our", ["discontent", "summer", "garden"], 0),
+    ("O Romeo, Romeo, wherefore art thou", ["Romeo", "here", "gone"], 0),
+    ("Friends, Romans, countrymen, lend me your", ["ears", "hands", "eyes"], 0),
+    ("All the world's a", ["stage", "house", "ship"], 0),
+    ("A horse! a horse! my kingdom for a", ["horse", "crown", "sword"], 0),
+]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm_eval_tasks")
+    rows = [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS]
+    (d / "tiny_choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "tiny_choice.yaml").write_text(f"""task: megaflow_tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'tiny_choice.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""")
+    return d
+
+
+def test_local_task_through_the_cli(tiny_pretrain, task_dir, workdir):
+    proc = run_megaflow("eval", str(tiny_pretrain / "final"), "--lm-eval", "megaflow_tiny_choice",
+                        "--lm-eval-include", str(task_dir), "--json", cwd=workdir, env={"HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)["lm_eval"]["megaflow_tiny_choice"]
+    print(result)
+    assert 0.0 <= result["acc,none"] <= 1.0
+
+
+def test_unknown_task_is_one_line(tiny_pretrain, task_dir, workdir):
+    proc = run_megaflow("eval", str(tiny_pretrain / "final"), "--lm-eval", "no_such_task",
+                        "--lm-eval-include", str(task_dir), cwd=workdir)
+    assert proc.returncode == 2 and "unknown task(s) no_such_task" in proc.stderr
+
+
+def test_loglikelihoods_equal_transformers(tiny_pretrain, workdir, tmp_path):
+    hf_dir = tmp_path / "hf"
+    proc = run_megaflow("convert", "megaflow-to-hf", "--ckpt", str(tiny_pretrain / "final"), "--out", str(hf_dir),
+                        cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = f"""
+import json, sys
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from megaflow.eval.lm_eval_adapter import MegaflowLM
+pairs = {[(q, " " + c) for q, cs, _ in QUESTIONS for c in cs]!r}
+reqs = [Instance("loglikelihood", {{}}, p, i) for i, p in enumerate(pairs)]
+rolling = [Instance("loglikelihood_rolling", {{}}, (q,), i) for i, (q, _) in enumerate(pairs[::3])]
+until = [Instance("generate_until", {{}}, (q, {{"until": ["."], "max_gen_toks": 12, "do_sample": False}}), i)
+         for i, (q, _) in enumerate(pairs[::3])]
+ours = MegaflowLM(ckpt={str(tiny_pretrain / 'final')!r})
+# megaflow documents end with the end-of-document token, so that (not a BOS) is megaflow's prefix
+hf = HFLM(pretrained={str(hf_dir)!r}, device="cpu", dtype="float32", batch_size=4, add_bos_token=False,
+          prefix_token_id=ours.model.tokenizer.eod_id)
+print(json.dumps({{"ours": ours.loglikelihood(reqs), "hf": hf.loglikelihood(reqs),
+                  "ours_rolling": ours.loglikelihood_rolling(rolling), "hf_rolling": hf.loglikelihood_rolling(rolling),
+                  "ours_gen": ours.generate_until(until), "hf_gen": hf.generate_until(until)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", "HF_DATASETS_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    diffs = [abs(a[0] - b[0]) for a, b in zip(r["ours"], r["hf"])]
+    print(f"max |loglikelihood difference| {max(diffs):.2e} over {len(diffs)} requests; "
+          f"rolling {max(abs(a - b) for a, b in zip(r['ours_rolling'], r['hf_rolling'])):.2e}")
+    assert max(diffs) < 1e-4
+    assert [a[1] for a in r["ours"]] == [b[1] for b in r["hf"]]  # is_greedy
+    assert all(abs(a - b) < 1e-4 for a, b in zip(r["ours_rolling"], r["hf_rolling"]))
+    print("greedy generations:", r["ours_gen"])
+    assert r["ours_gen"] == r["hf_gen"]
