@@ -12,7 +12,7 @@ import sys
 
 from megaflow.errors import RunFailed, UserError
 
-STAGES = ("pretrain",)  # sft, rm, dpo, ppo, grpo follow (DESIGN §5)
+STAGES = ("pretrain", "sft")  # rm, dpo, ppo, grpo follow (DESIGN §5); each is megaflow.algorithms.STAGE
 
 
 def _add_launch(p: argparse.ArgumentParser) -> None:
@@ -68,14 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="a final/ directory or a checkpoints/iter_N directory")
     p.add_argument("--data", default=None,
                    help="text/jsonl/parquet file or indexed .bin/.idx prefix (default: the checkpoint's own validation split)")
-    p.add_argument("--metrics", default="ppl", help="comma-separated metrics (available: ppl)")
+    p.add_argument("--metrics", default="ppl",
+                   help="comma-separated: ppl (perplexity), exact_match (greedy answers to --data's prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="exact_match: longest answer")
     p.add_argument("--seq-length", type=int, default=None, help="sequence length (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks, instead of --metrics (needs megaflow[eval])")
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a directory of local lm-eval task YAMLs")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: at most N documents per task")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: at most N documents per task; exact_match: the first N examples")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="lm-eval: few-shot examples")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     p = sub.add_parser("inspect", help="show what a checkpoint holds and whether it is complete",
@@ -179,9 +181,9 @@ def _cmd_train(args) -> int:
             if not torch.cuda.is_available():
                 raise UserError("parallel.cp > 1 needs GPUs: megatron's local (CPU) attention has no context parallelism")
         return _relaunch(args.nproc_per_node)
-    from megaflow.algorithms import pretrain
+    import importlib
 
-    pretrain.main(cfg)
+    importlib.import_module(f"megaflow.algorithms.{args.stage}").main(cfg)
     return 0
 
 
@@ -220,11 +222,20 @@ def _cmd_eval(args) -> int:
     from megaflow.eval.perplexity import evaluate_checkpoint
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = set(metrics) - {"ppl"}
+    unknown = set(metrics) - {"ppl", "exact_match"}
     if unknown:
-        raise UserError(f"--metrics: unknown metric(s) {', '.join(sorted(unknown))} (available: ppl)")
-    result = evaluate_checkpoint(args.ckpt, args.data, seq_length=args.seq_length, batch_size=args.batch_size,
-                                 max_batches=args.max_batches, quiet=args.json)
+        raise UserError(f"--metrics: unknown metric(s) {', '.join(sorted(unknown))} (available: ppl, exact_match)")
+    result = {}
+    if "exact_match" in metrics:  # --data holds the questions; ppl then uses the checkpoint's own split
+        from megaflow.eval.exact_match import evaluate_exact_match
+
+        if not args.data:
+            raise UserError("--metrics exact_match needs --data FILE (jsonl of prompt/response or messages records)")
+        result |= evaluate_exact_match(args.ckpt, args.data, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    if "ppl" in metrics:
+        result |= evaluate_checkpoint(args.ckpt, None if "exact_match" in metrics else args.data,
+                                      seq_length=args.seq_length, batch_size=args.batch_size,
+                                      max_batches=args.max_batches, quiet=args.json)
     if args.json:
         print(json.dumps(result))
     else:

@@ -111,6 +111,26 @@ class DataSource(Section):
     field: str = "text"
 
 
+class SFTData(Section):
+    """How chat / instruction records become training samples (megaflow/data/sft.py)."""
+
+    format: Literal["auto", "messages", "prompt_response", "instruction"] = "auto"
+    messages_field: str = "messages"  # ShareGPT's {"from", "value"} turns are read too
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    system_field: str = "system"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    chat_template: str = "auto"  # auto | builtin | tokenizer | a .jinja path | a Jinja string
+    packing: bool = True
+    truncation: Literal["truncate", "truncate_left", "drop", "error"] = "truncate"
+    allow_skip: bool = False
+    train_on_prompt: bool = False
+    valid: list[str] = Field(default_factory=list)  # held-out files; else valid_fraction of the training data
+    valid_fraction: float = Field(0.0, ge=0, lt=1)
+
+
 class DataConfig(Section):
     train: list[DataSource] = Field(default_factory=list)
     split: list[float] = Field(default_factory=lambda: [98.0, 1.0, 1.0])
@@ -119,6 +139,7 @@ class DataConfig(Section):
     workers: int = Field(1, ge=1)
     split_documents_on: Literal["blank_line", "none"] = "blank_line"
     invalid_utf8: Literal["replace", "error"] = "replace"
+    sft: SFTData = Field(default_factory=SFTData)
 
     @model_validator(mode="after")
     def _split(self) -> "DataConfig":
@@ -151,6 +172,8 @@ class EvalConfig(Section):
     every: int = Field(0, ge=0)
     iters: int = Field(10, ge=1)
     final: bool = True
+    exact_match: int = Field(0, ge=0)  # held-out examples answered by greedy generation at the end (SFT)
+    max_new_tokens: int = Field(64, ge=1)
 
 
 class CheckpointConfig(Section):

@@ -1,0 +1,84 @@
+"""The SFT stage end to end: the tiny pretrained model learns megaflow's synthetic instruction set
+(data/sample/sft-words: copy, first word and last word of three common words), which it cannot do before.
+
+Measured (2 CPU cores, 2026-11-26): held-out exact match of the base model 0%, after SFT_STEPS steps of
+SFT the number the test prints; the test asserts base <= 5% and SFT >= MIN_EXACT_MATCH."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, run_megaflow
+
+pytestmark = pytest.mark.slow
+
+SFT_CONFIG = REPO / "configs" / "stages" / "sft-tiny.yaml"
+HELD_OUT = REPO / "data" / "sample" / "sft-words" / "heldout.jsonl"
+SFT_STEPS = 300
+MIN_EXACT_MATCH = 0.5
+EXAMPLES = 200
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(workdir, tiny_pretrain):
+    proc = run_megaflow("train", "sft", "--config", str(SFT_CONFIG), f"init_from={tiny_pretrain / 'final'}",
+                        f"data.train=[{{path: {REPO / 'data/sample/sft-words/train.jsonl'}}}]",
+                        f"data.sft.valid=[{HELD_OUT}]", "run.dir=runs/tiny-sft", f"train.steps={SFT_STEPS}",
+                        f"eval.exact_match={EXAMPLES}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "packing efficiency" in proc.stdout
+    return workdir / "runs" / "tiny-sft" / "sft"
+
+
+def _exact_match(workdir, ckpt, limit):
+    proc = run_megaflow("eval", str(ckpt), "--metrics", "exact_match", "--data", str(HELD_OUT), "--limit", str(limit),
+                        "--max-new-tokens", "16", "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)["exact_match"]
+
+
+def test_sft_teaches_the_instructions(workdir, tiny_pretrain, tiny_sft):
+    result = json.loads((tiny_sft / "eval.json").read_text())
+    base = _exact_match(workdir, tiny_pretrain / "final", 50)
+    print(f"held-out exact match: base model {base:.1%} (50 examples), after {SFT_STEPS} SFT steps "
+          f"{result['exact_match']:.1%} ({result['exact_match_examples']} examples); valid loss {result['valid_loss']:.3f}")
+    assert base <= 0.05
+    assert result["exact_match_examples"] == EXAMPLES
+    assert result["exact_match"] >= MIN_EXACT_MATCH
+    rows = [json.loads(line) for line in (tiny_sft / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "split" not in r]
+    assert len(losses) == SFT_STEPS and losses[-1] < losses[0] / 3
+
+
+def test_eval_reproduces_the_stage_exact_match(workdir, tiny_sft):
+    """The same number from the saved checkpoint (`megaflow eval --metrics exact_match`) as from the
+    trainer's own weights at the end of the stage: 40 examples, the same greedy decoding."""
+    result = json.loads((tiny_sft / "eval.json").read_text())
+    first = sum(s["prediction"].strip() == s["answer"].strip() for s in result["exact_match_samples"])
+    again = _exact_match(workdir, tiny_sft / "final", len(result["exact_match_samples"]))
+    assert again == first / len(result["exact_match_samples"])
+
+
+def test_the_final_checkpoint_records_its_parent_and_tokenizer(tiny_pretrain, tiny_sft):
+    meta = json.loads((tiny_sft / "final" / "megaflow.json").read_text())
+    assert meta["stage"] == "sft" and meta["parents"] == [str(tiny_pretrain / "final")]
+    assert (tiny_sft / "final" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_sft_bad_inputs_are_one_line(workdir, tmp_path, tiny_pretrain):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "ho"}\n{"prompt": "only a prompt"}\n')
+    cases = [
+        (["init_from=null"], "init_from: SFT starts from a pretrained model"),
+        ([f"init_from={tiny_pretrain / 'final'}", f"data.train=[{{path: {bad}}}]", "data.sft.valid=[]"],
+         f"{bad}:2:"),
+        ([f"init_from={tiny_pretrain / 'final'}", "data.train=[{path: nope.jsonl}]"], "data.train[0].path: not found"),
+    ]
+    for overrides, needle in cases:
+        proc = run_megaflow("train", "sft", "--config", str(SFT_CONFIG), f"run.dir={tmp_path / 'run'}", *overrides,
+                            cwd=REPO)  # the config's relative data paths
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megaflow: error:")]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
