@@ -1,0 +1,488 @@
+"""Preference data: records -> (prompt, chosen, rejected) pairs -> token ids with response masks -> batches
+of chosen and rejected rows for one forward (reward model and the DPO family).
+
+Accepted record shapes (field names configurable; `format: auto` picks per record):
+- explicit (TRL `prompt`/`chosen`/`rejected`): `prompt` is a string (one user turn, optional `system`
+  field) or a message list; `chosen` and `rejected` are strings (the assistant's answer) or message lists
+  (TRL's conversational form, `[{"role": "assistant", "content": ...}]`). A list's last message is the
+  response and must be the assistant's; messages before it are appended to the prompt;
+- hh_rlhf (Anthropic HH-RLHF transcripts): `chosen` and `rejected` only, each a whole dialogue
+  "\\n\\nHuman: ... \\n\\nAssistant: ...". Each transcript is split into turns and at its last Assistant
+  turn into prompt (the turns before) and response (that turn's text); both must have the same prompt;
+- conversation (implicit prompt, message lists): `chosen` and `rejected` are whole conversations; each is
+  split at its last message, which must be the assistant's, and the two prompts must be equal.
+An optional numeric `margin` field (TRL RewardTrainer's) rides along for the Bradley-Terry margin.
+
+A bad record (missing field, wrong type, identical chosen and rejected, empty response, no Assistant turn,
+different prompts) is a DataError naming FILE:LINE, unless `allow_skip` is set: then it is skipped and
+counted in the summary by reason, with the first few places listed (as megaflow.data.sft does).
+
+Tokenization: prompt + response is rendered through the chat template as
+`[*prompt, {"role": "assistant", "content": response}]`; only the final assistant turn carries loss (its
+tokens and its end-of-turn token; assistant turns inside the prompt carry none). A pair's two sequences
+of L tokens each occupy L positions of a row (the whole sequence is input, so a reward model reads the
+last token; the last position's label is padding). Over-long pairs follow `truncation`:
+- truncate: keep the start of each sequence (the ends of over-long responses are cut);
+- truncate_left: cut the same number of tokens from the start of both sequences (the prompts stay equal),
+  as many as the longer one needs but never into a response (one prompt token is always kept), then cut
+  what is still too long at the end;
+- drop: skip the pair; error: stop with FILE:LINE.
+A pair left without a chosen or rejected response token is skipped (counted as "no response tokens").
+
+A batch of m pairs is one [2m, seq_length] micro-batch, chosen rows first: row i is pair i's chosen
+sequence and row m + i its rejected one, so `split_chosen_rejected` of any per-row tensor gives the halves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from megaflow.data.chat import ChatTemplate, _common_prefix
+from megaflow.data.readers import _LONE_SURROGATE, iter_records
+from megaflow.data.sft import EXAMPLES_KEPT, InvalidRecord, SFTBatchIterator, _messages
+from megaflow.data.tokenizer import Tokenizer
+from megaflow.errors import DataError, UserError
+
+FORMATS = ("auto", "explicit", "hh_rlhf", "conversation")
+TRUNCATION = ("truncate", "truncate_left", "drop", "error")
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "last_index")
+
+
+@dataclass
+class PreferenceDataOptions:
+    """The preference data settings (one field per proposed `data.preference.*` config key)."""
+
+    format: str = "auto"
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    system_field: str = "system"
+    margin_field: str = "margin"
+    chat_template: str = "auto"  # auto | builtin | tokenizer | a .jinja path | a Jinja string
+    seq_length: int = 256  # tokens per sequence (row positions)
+    truncation: str = "truncate"
+    allow_skip: bool = False
+    invalid_utf8: str = "replace"  # lone surrogate escapes in JSON strings: replace with U+FFFD, or error
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise UserError(f"format: expected one of {FORMATS}, got {self.format!r}")
+        if self.truncation not in TRUNCATION:
+            raise UserError(f"truncation: expected one of {TRUNCATION}, got {self.truncation!r}")
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> PreferenceDataOptions:
+        """From any object or dict with (some of) these attribute names, e.g. a pydantic section."""
+        get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: get(n, getattr(cls, n)) for n in names if get(n, None) is not None} | overrides)
+
+
+@dataclass
+class PreferencePair:
+    where: str  # FILE:LINE or FILE: row N
+    prompt: list[dict]  # the messages before the response
+    chosen: str  # the preferred assistant response
+    rejected: str
+    margin: float | None = None
+
+
+@dataclass
+class PreferenceSample:
+    where: str
+    chosen_ids: np.ndarray  # int64: prompt + chosen, rendered
+    chosen_mask: np.ndarray  # bool: the token belongs to the final assistant turn (end-of-turn included)
+    rejected_ids: np.ndarray
+    rejected_mask: np.ndarray
+    margin: float | None = None
+    pair: PreferencePair | None = field(default=None, repr=False)
+
+
+@dataclass
+class PreferenceDataSummary:
+    """What reading and preparing the data found; `lines()` is what a stage logs, `as_dict()` what it stores."""
+
+    records: int = 0
+    pairs: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    examples: list[str] = field(default_factory=list)  # the first few "FILE:LINE: reason"
+    truncated: int = 0  # pairs with at least one sequence truncated
+    dropped_too_long: int = 0
+    boundary_merges: int = 0
+    samples: int = 0
+    tokens: int = 0  # chosen + rejected
+    chosen_response_tokens: int = 0
+    rejected_response_tokens: int = 0
+    longest: int = 0
+
+    def skip(self, where: str, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < EXAMPLES_KEPT:
+            self.examples.append(f"{where}: {detail}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"skipped": dict(self.skipped)}
+
+    def lines(self) -> list[str]:
+        out = [f"preference data: {self.records} records, {self.samples} pairs, {self.tokens} tokens "
+               f"({self.chosen_response_tokens} chosen / {self.rejected_response_tokens} rejected response "
+               f"tokens), longest {self.longest}"]
+        if self.skipped:
+            out.append(f"  skipped {sum(self.skipped.values())}: " +
+                       ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()))
+            out += [f"    {e}" for e in self.examples]
+        if self.truncated or self.dropped_too_long:
+            out.append(f"  over-long pairs: {self.truncated} truncated, {self.dropped_too_long} dropped")
+        if self.boundary_merges:
+            out.append(f"  {self.boundary_merges} turn boundaries fell inside a token (counted as assistant)")
+        return out
+
+
+# --- HH-RLHF transcripts ------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_transcript(text: str) -> list[dict]:
+    """The turns of an HH-RLHF transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." as [{"role", "content"}]
+    (Human -> user, Assistant -> assistant, contents stripped). The leading blank line may be missing;
+    other text before the first turn is an error. Raises InvalidRecord."""
+    body = "\n\n" + text if text.startswith(("Human:", "Assistant:")) else text
+    parts = _HH_TURN.split(body)
+    if len(parts) == 1:
+        raise InvalidRecord("not a transcript", "no '\\n\\nHuman:' or '\\n\\nAssistant:' turns")
+    if parts[0].strip():
+        raise InvalidRecord("not a transcript", f"text before the first Human/Assistant turn: {parts[0][:40]!r}")
+    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def split_hh_transcript(text: str, name: str = "transcript") -> tuple[list[dict], str]:
+    """(prompt messages, response): the transcript split at its last Assistant turn, which must be its
+    last turn. Raises InvalidRecord when there is no Assistant turn or a Human turn comes after it."""
+    return _split_last(parse_hh_transcript(text), name, "Assistant")
+
+
+def _split_last(messages: list[dict], name: str, assistant: str = "assistant") -> tuple[list[dict], str]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InvalidRecord("no assistant turn", f"{name}: no {assistant} turn to take the response from")
+    if messages[-1]["role"] != "assistant":
+        raise InvalidRecord("no assistant turn", f"{name}: ends with a {messages[-1]['role']} turn after the "
+                            f"last {assistant} turn, not with the response")
+    return messages[:-1], messages[-1]["content"]
+
+
+# --- records -> pairs ---------------------------------------------------------------------------
+
+
+def record_to_pair(record: dict, opts: PreferenceDataOptions, where: str = "") -> PreferencePair:
+    """The validated (prompt, chosen, rejected) of one record; raises InvalidRecord."""
+    fmt = opts.format
+    c_name, r_name = opts.chosen_field, opts.rejected_field
+    for name in (c_name, r_name):
+        if name not in record or record[name] is None:
+            raise InvalidRecord("missing field", f"no field {name!r} (fields: {', '.join(map(str, record)) or 'none'})")
+    chosen, rejected = record[c_name], record[r_name]
+    if fmt == "auto":
+        if record.get(opts.prompt_field) is not None:
+            fmt = "explicit"
+        elif isinstance(chosen, str) and isinstance(rejected, str):
+            fmt = "hh_rlhf"
+        elif isinstance(chosen, list) and isinstance(rejected, list):
+            fmt = "conversation"
+        else:
+            raise InvalidRecord("wrong type", f"no {opts.prompt_field!r} field, and {c_name!r} and {r_name!r} "
+                                f"are not both transcripts (strings) or both message lists "
+                                f"(got {type(chosen).__name__} and {type(rejected).__name__})")
+    if fmt == "explicit":
+        prompt = _prompt(record, opts)
+        (c_prompt, c_text), (r_prompt, r_text) = (_explicit_side(record[n], prompt, n) for n in (c_name, r_name))
+    elif fmt == "hh_rlhf":
+        (c_prompt, c_text), (r_prompt, r_text) = (
+            split_hh_transcript(_typed(record, n, str), n) for n in (c_name, r_name))
+    else:
+        (c_prompt, c_text), (r_prompt, r_text) = (
+            _split_last(_messages(_typed(record, n, list), _named(n)), n) for n in (c_name, r_name))
+    if c_prompt != r_prompt:
+        raise InvalidRecord("different prompts", f"{c_name!r} and {r_name!r} have different prompts "
+                            f"({_first_difference(c_prompt, r_prompt)})")
+    if not c_prompt or not any(m["content"].strip() for m in c_prompt):
+        raise InvalidRecord("empty prompt", "empty prompt: no message with text before the response")
+    for name, text in ((c_name, c_text), (r_name, r_text)):
+        if not text.strip():
+            raise InvalidRecord("empty response", f"empty {name} response")
+    if c_text.strip() == r_text.strip():
+        raise InvalidRecord("identical responses", f"{c_name!r} and {r_name!r} responses are identical")
+    margin = _margin(record, opts)
+    pair = PreferencePair(where, c_prompt, c_text, r_text, margin)
+    return _replace_surrogates(pair, opts)
+
+
+def _named(name: str):
+    """An options stand-in for sft._messages, whose error messages name the field."""
+    return SimpleNamespace(messages_field=name)
+
+
+def _typed(record: dict, name: str, kind: type):
+    value = record[name]
+    if not isinstance(value, kind):
+        want = "a string" if kind is str else "a list"
+        raise InvalidRecord("wrong type", f"field {name!r}: expected {want}, got {type(value).__name__}")
+    if kind is list and not value:
+        raise InvalidRecord("empty conversation", f"field {name!r} is an empty list")
+    return value
+
+
+def _prompt(record: dict, opts: PreferenceDataOptions) -> list[dict]:
+    prompt = record[opts.prompt_field]
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+        system = record.get(opts.system_field)
+        if system is not None:
+            if not isinstance(system, str):
+                raise InvalidRecord("wrong type", f"field {opts.system_field!r}: expected a string, "
+                                    f"got {type(system).__name__}")
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
+    if isinstance(prompt, list):
+        return _messages(prompt, _named(opts.prompt_field)) if prompt else []
+    raise InvalidRecord("wrong type", f"field {opts.prompt_field!r}: expected a string or a message list, "
+                        f"got {type(prompt).__name__}")
+
+
+def _explicit_side(value, prompt: list[dict], name: str) -> tuple[list[dict], str]:
+    if isinstance(value, str):
+        return prompt, value
+    if isinstance(value, list):
+        if not value:
+            raise InvalidRecord("empty response", f"field {name!r} is an empty list")
+        messages = _messages(value, _named(name))
+        if any(m["role"] == "system" for m in messages):
+            raise InvalidRecord("bad role", f"{name}: a system message belongs in the prompt")
+        head, text = _split_last(messages, name)
+        return prompt + head, text
+    raise InvalidRecord("wrong type", f"field {name!r}: expected a string or a message list, "
+                        f"got {type(value).__name__}")
+
+
+def _margin(record: dict, opts: PreferenceDataOptions) -> float | None:
+    value = record.get(opts.margin_field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRecord("bad margin", f"field {opts.margin_field!r}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _first_difference(a: list[dict], b: list[dict]) -> str:
+    if len(a) != len(b):
+        return f"{len(a)} and {len(b)} turns"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"turn {i + 1} differs"
+    return "equal"
+
+
+def _replace_surrogates(pair: PreferencePair, opts: PreferenceDataOptions) -> PreferencePair:
+    texts = [m["content"] for m in pair.prompt] + [pair.chosen, pair.rejected]
+    if not any(_LONE_SURROGATE.search(t) for t in texts):
+        return pair
+    if opts.invalid_utf8 == "error":
+        raise InvalidRecord("invalid UTF-8", "invalid UTF-8 (lone surrogate escape)")
+    fix = lambda t: _LONE_SURROGATE.sub("\ufffd", t)  # noqa: E731
+    return dataclasses.replace(pair, prompt=[m | {"content": fix(m["content"])} for m in pair.prompt],
+                               chosen=fix(pair.chosen), rejected=fix(pair.rejected))
+
+
+def load_pairs(paths: Sequence[str], opts: PreferenceDataOptions,
+               summary: PreferenceDataSummary | None = None) -> list[PreferencePair]:
+    """Every valid pair of the files (jsonl, jsonl.gz, parquet, datasets directories), in file and line
+    order. Invalid records raise a DataError naming FILE:LINE, or, with `allow_skip`, are counted."""
+    summary = summary if summary is not None else PreferenceDataSummary()
+    out = []
+    for path in paths:
+        for where, record in iter_records(path, opts.invalid_utf8):
+            summary.records += 1
+            try:
+                out.append(record_to_pair(record, opts, where))
+            except InvalidRecord as e:
+                if not opts.allow_skip:
+                    raise DataError(f"{where}: {e.detail} (set allow_skip to skip bad records)") from None
+                summary.skip(where, e.reason, e.detail)
+    summary.pairs = len(out)
+    return out
+
+
+# --- pairs -> token ids with response masks -----------------------------------------------------
+
+
+def encode_response(template: ChatTemplate, prompt: list[dict], response: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, response mask, boundary merges) of `[*prompt, {"role": "assistant", "content": response}]`.
+
+    The mask is the chat template's assistant mask (megaflow.data.chat) restricted to the final turn: the
+    tokens from where the prompt's render with the generation prompt stops matching the whole render on.
+    So the prompt, assistant turns inside it and the final turn's header carry no loss; the response's
+    tokens and its end-of-turn token do."""
+    encoded = template.encode([*prompt, {"role": "assistant", "content": response}])
+    ids = np.asarray(encoded.ids, dtype=np.int64)
+    mask = np.asarray(encoded.assistant_mask, dtype=bool)
+    mask[:_common_prefix(template.prompt_ids(prompt), encoded.ids)] = False
+    return ids, mask, encoded.boundary_merges
+
+
+def tokenize_pairs(pairs: Iterable[PreferencePair], template: ChatTemplate, opts: PreferenceDataOptions,
+                   summary: PreferenceDataSummary | None = None) -> list[PreferenceSample]:
+    """Token ids and response masks of both sides of every pair, at most `opts.seq_length` tokens each,
+    over-long pairs handled by `opts.truncation` (see the module docstring)."""
+    summary = summary if summary is not None else PreferenceDataSummary()
+    limit, samples = opts.seq_length, []
+    for pair in pairs:
+        try:
+            c_ids, c_mask, c_merges = encode_response(template, pair.prompt, pair.chosen)
+            r_ids, r_mask, r_merges = encode_response(template, pair.prompt, pair.rejected)
+        except DataError as e:
+            if not opts.allow_skip:
+                raise DataError(f"{pair.where}: {e}") from None
+            summary.skip(pair.where, "template error", str(e))
+            continue
+        summary.boundary_merges += c_merges + r_merges
+        longest = max(len(c_ids), len(r_ids))
+        if longest > limit:
+            if opts.truncation == "error":
+                raise DataError(f"{pair.where}: {longest} tokens, more than seq_length = {limit} "
+                                "(set truncation to truncate, truncate_left or drop)")
+            if opts.truncation == "drop":
+                summary.dropped_too_long += 1
+                continue
+            if opts.truncation == "truncate":
+                c_ids, c_mask, r_ids, r_mask = c_ids[:limit], c_mask[:limit], r_ids[:limit], r_mask[:limit]
+            else:  # the same cut from the start of both (the prompts stay equal), never into a response
+                cut = min(longest - limit, _response_start(c_mask, r_mask) - 1)
+                keep = slice(max(cut, 0), max(cut, 0) + limit)
+                c_ids, c_mask, r_ids, r_mask = c_ids[keep], c_mask[keep], r_ids[keep], r_mask[keep]
+            summary.truncated += 1
+        if not c_mask[1:].any() or not r_mask[1:].any():
+            summary.skip(pair.where, "no response tokens", "no chosen or rejected response tokens within seq_length")
+            continue
+        samples.append(PreferenceSample(pair.where, c_ids, c_mask, r_ids, r_mask, pair.margin, pair))
+        summary.samples += 1
+        summary.tokens += len(c_ids) + len(r_ids)
+        summary.chosen_response_tokens += int(c_mask[1:].sum())
+        summary.rejected_response_tokens += int(r_mask[1:].sum())
+        summary.longest = max(summary.longest, len(c_ids), len(r_ids))
+    if not samples:
+        raise DataError("preference data: no usable pairs" +
+                        (f" ({'; '.join(summary.lines()[1:])})" if summary.skipped else ""))
+    return samples
+
+
+def _response_start(*masks: np.ndarray) -> int:
+    """The first response position of any of the masks (where the shared prompt ends)."""
+    return min(int(np.argmax(m)) if m.any() else len(m) for m in masks)
+
+
+@dataclass
+class PreparedPreference:
+    tokenizer: Tokenizer  # with the built-in template's tokens added if they were missing (save it!)
+    template: ChatTemplate
+    added_tokens: list[str]  # tokens new to the vocabulary: the embedding must grow to tokenizer.vocab_size
+    samples: list[PreferenceSample]
+    summary: PreferenceDataSummary
+
+
+def prepare(paths: Sequence[str], tokenizer: Tokenizer, opts: PreferenceDataOptions) -> PreparedPreference:
+    """Read, validate and tokenize preference files: chat template chosen by `opts.chat_template`."""
+    from megaflow.data.chat import chat_tokenizer
+
+    tokenizer, source, added = chat_tokenizer(tokenizer, opts.chat_template)
+    template = ChatTemplate(tokenizer, source)
+    summary = PreferenceDataSummary()
+    samples = tokenize_pairs(load_pairs(paths, opts, summary), template, opts, summary)
+    return PreparedPreference(tokenizer, template, added, samples, summary)
+
+
+# --- samples -> rows -> batches -----------------------------------------------------------------
+
+
+def build_sequence_row(ids: np.ndarray, mask: np.ndarray, seq_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One right-padded row holding a whole sequence of L <= seq_length tokens as input:
+
+        tokens[j] = ids[j],  labels[j] = ids[j+1],  loss_mask[j] = mask[j+1]   (j < L-1)
+
+    position L-1 (the last token) has label pad_id and no loss; padding has label pad_id, loss_mask 0,
+    segment 0, position 0. `last_index` = L-1 is where a reward model reads its score."""
+    n = len(ids)
+    if not 1 <= n <= seq_length:
+        raise ValueError(f"a sequence of {n} tokens does not fit in {seq_length}")
+    out = {
+        "tokens": np.full(seq_length, pad_id, dtype=np.int64),
+        "labels": np.full(seq_length, pad_id, dtype=np.int64),
+        "loss_mask": np.zeros(seq_length, dtype=np.float32),
+        "position_ids": np.zeros(seq_length, dtype=np.int64),
+        "segment_ids": np.zeros(seq_length, dtype=np.int64),
+    }
+    out["tokens"][:n] = ids
+    out["labels"][:n - 1] = ids[1:]
+    out["loss_mask"][:n - 1] = mask[1:]
+    out["position_ids"][:n] = np.arange(n)
+    out["segment_ids"][:n] = 1
+    out["last_index"] = np.int64(n - 1)
+    return out
+
+
+class PreferenceDataset:
+    """Pair i is a dict of [2, seq_length] tensors (row 0 chosen, row 1 rejected; `last_index` [2]) and
+    `margin`, a 0-d float (0.0 where the record had none)."""
+
+    def __init__(self, samples: list[PreferenceSample], seq_length: int, pad_id: int):
+        self.samples, self.seq_length, self.pad_id = samples, seq_length, pad_id
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.samples[i]
+        rows = [build_sequence_row(ids, mask, self.seq_length, self.pad_id)
+                for ids, mask in ((s.chosen_ids, s.chosen_mask), (s.rejected_ids, s.rejected_mask))]
+        out = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in BATCH_KEYS}
+        out["margin"] = torch.tensor(0.0 if s.margin is None else s.margin, dtype=torch.float32)
+        return out
+
+
+def collate_pairs(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """m dataset items -> one micro-batch for a single forward: every per-row key [2m, ...], chosen rows
+    0..m-1 then the rejected rows m..2m-1 in the same pair order; `margin` [m]."""
+    out = {k: torch.cat([torch.stack([it[k][0] for it in items]), torch.stack([it[k][1] for it in items])])
+           for k in BATCH_KEYS}
+    out["margin"] = torch.stack([it["margin"] for it in items])
+    return out
+
+
+def split_chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) halves along dim 0 of a per-row tensor of a [2m, ...] batch (e.g. per-sequence
+    log-prob sums from megaflow.training.losses.sequence_logps, or rewards)."""
+    if x.shape[0] % 2:
+        raise ValueError(f"expected an even number of rows (chosen then rejected), got {x.shape[0]}")
+    m = x.shape[0] // 2
+    return x[:m], x[m:]
+
+
+class PreferenceBatchIterator(SFTBatchIterator):
+    """Endless iterator over one data-parallel rank's micro-batches of `micro_batch_size` pairs, each a
+    [2 * micro_batch_size, seq_length] batch from `collate_pairs`. `consumed_samples` counts pairs; the
+    order, per-epoch shuffle and rank slicing are those of megaflow.data.sft.SFTBatchIterator."""
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        start = self.consumed_samples + self.dp_rank * self.mbs
+        items = [self.dataset[self.row_at(start + j)] for j in range(self.mbs)]
+        self.consumed_samples += self.mbs * self.dp_size
+        return collate_pairs(items)
