@@ -48,9 +48,9 @@ import torch
 
 from megaflow.data.chat import ChatTemplate, _common_prefix
 from megaflow.data.readers import _LONE_SURROGATE, iter_records
-from megaflow.data.sft import EXAMPLES_KEPT, InvalidRecord, SFTBatchIterator, _messages
+from megaflow.data.sft import EXAMPLES_KEPT, InvalidRecord, RecordOptions, SFTBatchIterator, _messages
 from megaflow.data.tokenizer import Tokenizer
-from megaflow.errors import DataError, UserError
+from megaflow.errors import DataError
 
 FORMATS = ("auto", "explicit", "hh_rlhf", "conversation")
 TRUNCATION = ("truncate", "truncate_left", "drop", "error")
@@ -58,8 +58,10 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "l
 
 
 @dataclass
-class PreferenceDataOptions:
+class PreferenceDataOptions(RecordOptions):
     """The preference data settings (one field per proposed `data.preference.*` config key)."""
+
+    CHOICES = {"format": FORMATS, "truncation": TRUNCATION}
 
     format: str = "auto"
     prompt_field: str = "prompt"
@@ -72,19 +74,6 @@ class PreferenceDataOptions:
     truncation: str = "truncate"
     allow_skip: bool = False
     invalid_utf8: str = "replace"  # lone surrogate escapes in JSON strings: replace with U+FFFD, or error
-
-    def __post_init__(self):
-        if self.format not in FORMATS:
-            raise UserError(f"format: expected one of {FORMATS}, got {self.format!r}")
-        if self.truncation not in TRUNCATION:
-            raise UserError(f"truncation: expected one of {TRUNCATION}, got {self.truncation!r}")
-
-    @classmethod
-    def from_config(cls, config, **overrides) -> PreferenceDataOptions:
-        """From any object or dict with (some of) these attribute names, e.g. a pydantic section."""
-        get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: get(n, getattr(cls, n)) for n in names if get(n, None) is not None} | overrides)
 
 
 @dataclass

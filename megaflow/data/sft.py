@@ -39,9 +39,30 @@ ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot"
 EXAMPLES_KEPT = 5
 
 
+class RecordOptions:
+    """Shared by the record-reading option dataclasses (SFT, preference): built from a config section and
+    checked for the values that have a fixed set of choices."""
+
+    CHOICES: dict[str, tuple[str, ...]] = {}
+
+    def __post_init__(self):
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """From any object or dict with (some of) these attribute names, e.g. a pydantic section."""
+        get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: get(n, getattr(cls, n)) for n in names if get(n, None) is not None} | overrides)
+
+
 @dataclass
-class SFTDataOptions:
-    """The SFT data settings (one field per proposed `data.sft.*` config key)."""
+class SFTDataOptions(RecordOptions):
+    """The SFT data settings (one field per `data.sft.*` config key, plus seq_length and invalid_utf8)."""
+
+    CHOICES = {"format": FORMATS, "truncation": TRUNCATION}
 
     format: str = "auto"
     messages_field: str = "messages"
@@ -58,19 +79,6 @@ class SFTDataOptions:
     allow_skip: bool = False
     train_on_prompt: bool = False
     invalid_utf8: str = "replace"  # lone surrogate escapes in JSON strings: replace with U+FFFD, or error
-
-    def __post_init__(self):
-        if self.format not in FORMATS:
-            raise UserError(f"format: expected one of {FORMATS}, got {self.format!r}")
-        if self.truncation not in TRUNCATION:
-            raise UserError(f"truncation: expected one of {TRUNCATION}, got {self.truncation!r}")
-
-    @classmethod
-    def from_config(cls, config, **overrides) -> SFTDataOptions:
-        """From any object or dict with (some of) these attribute names, e.g. a pydantic section."""
-        get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: get(n, getattr(cls, n)) for n in names if get(n, None) is not None} | overrides)
 
 
 @dataclass
