@@ -381,8 +381,10 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": _cmd_convert, "inspect": _cmd_inspect, "plan": _cmd_plan, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval}
-COMMANDS.update(generate=_cmd_generate, chat=_cmd_chat)
+COMMANDS = {
+    "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval,
+    "inspect": _cmd_inspect, "plan": _cmd_plan, "convert": _cmd_convert, "generate": _cmd_generate, "chat": _cmd_chat,
+}
 
 
 def _quiet_known_warnings() -> None:
