@@ -111,3 +111,13 @@ def test_cli_train_help_lists_stages_and_options():
     assert proc.returncode == 0, proc.stderr
     assert "pretrain" in proc.stdout
     assert "--config" in proc.stdout and "--nproc-per-node" in proc.stdout
+
+
+@pytest.mark.parametrize("tool", ["bench_sft.py", "bench_checkpoint.py", "bench_pretrain.py"])
+def test_benchmark_tools_explain_themselves(tool):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
