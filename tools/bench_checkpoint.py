@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,22 +26,52 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_once(config: str, steps: int, every: int, async_save: bool, overrides: list[str], work: Path) -> dict:
-    run_dir = work / f"run-{'async' if async_save else 'sync'}"
+def train(config: str, steps: int, every: int, async_save: bool, overrides: list[str], run_dir: Path,
+          resume: bool = False) -> list[dict]:
+    """One `megaflow train pretrain` run; its metrics.jsonl records."""
     cmd = [sys.executable, "-m", "megaflow", "train", "pretrain", "--config", config, f"train.steps={steps}",
            f"checkpoint.every={every}", "checkpoint.keep=2", f"checkpoint.async_save={str(async_save).lower()}",
-           "eval.every=0", "eval.final=false", "checkpoint.resume=false", "run.progress=false",
+           "eval.every=0", "eval.final=false", f"checkpoint.resume={str(resume).lower()}", "run.progress=false",
            f"run.dir={run_dir}", *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"bench_checkpoint: run failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    train = {r["step"]: r["step_time"] for r in rows if "split" not in r}
+    return [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(rows: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows if "split" not in r}
+
+
+def resume_check(config: str, steps: int, every: int, overrides: list[str], run_dir: Path) -> dict:
+    """Drops the async run's last checkpoint, resumes from the one before (written asynchronously too) and
+    compares the resumed losses with the uninterrupted run's."""
+    original = losses([json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()])
+    ckpts = run_dir / "pretrain" / "checkpoints"
+    last, before = f"iter_{steps:07d}", f"iter_{steps - every:07d}"
+    shutil.rmtree(ckpts / last)
+    (ckpts / "latest").write_text(before + "\n")
+    resumed = losses(train(config, steps, every, True, overrides, run_dir, resume=True))
+    compared = range(steps - every + 1, steps + 1)
+    diff = max(abs(resumed[s] - original[s]) for s in compared)
+    print(f"resumed from the async {before}: steps {compared.start}-{compared.stop - 1} max |loss diff| {diff:.3g}"
+          f" ({'bitwise' if diff == 0 else 'NOT bitwise'})")
+    return {"from": before, "max_abs_loss_diff": diff, "original": [original[s] for s in compared],
+            "resumed": [resumed[s] for s in compared]}
+
+
+def run_once(config: str, steps: int, every: int, async_save: bool, overrides: list[str], work: Path,
+             keep: bool) -> dict:
+    run_dir = work / f"run-{'async' if async_save else 'sync'}"
+    rows = train(config, steps, every, async_save, overrides, run_dir)
+    if not keep:  # a 1B shape's checkpoints are tens of GB
+        shutil.rmtree(run_dir)
+    train_steps = {r["step"]: r["step_time"] for r in rows if "split" not in r}
     saves = [r for r in rows if r.get("split") == "checkpoint"]
-    after = [train[r["step"] + 1] for r in saves if r["step"] + 1 in train]
+    after = [train_steps[r["step"] + 1] for r in saves if r["step"] + 1 in train_steps]
     return {"stall_s": statistics.median(r["stall_s"] for r in saves), "saves": len(saves),
-            "step_s": statistics.median(train.values()), "step_after_save_s": statistics.median(after) if after else None}
+            "step_s": statistics.median(train_steps.values()), "step_after_save_s": statistics.median(after) if after else None}
 
 
 def main() -> None:
@@ -49,14 +80,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--resume-check", action="store_true",
+                    help="afterwards, resume the async run from its second-to-last checkpoint and compare losses")
     ap.add_argument("--out", default=None, help="JSON results (default: bench-results/bench_checkpoint.json)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     a = ap.parse_args()
     results = {"sync": [], "async": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(a.repeats):
+        for repeat in range(a.repeats):
             for mode in ("sync", "async"):
-                results[mode].append(run_once(a.config, a.steps, a.every, mode == "async", a.overrides, Path(tmp)))
+                keep = a.resume_check and mode == "async" and repeat == a.repeats - 1
+                results[mode].append(run_once(a.config, a.steps, a.every, mode == "async", a.overrides, Path(tmp), keep))
+        if a.resume_check:
+            results["resume"] = resume_check(a.config, a.steps, a.every, a.overrides, Path(tmp) / "run-async")
+    resume = results.pop("resume", None)
     table = {mode: {k: statistics.median(r[k] for r in runs if r[k] is not None) for k in runs[0]}
              for mode, runs in results.items()}
     print(f"{'mode':6} {'stall per save (s)':>19} {'median step (s)':>16} {'step after a save (s)':>22}")
@@ -65,7 +102,7 @@ def main() -> None:
     print(f"async / sync stall: {table['async']['stall_s'] / table['sync']['stall_s']:.2f}")
     out = Path(a.out or os.environ.get("OUT", "bench-results")) / "bench_checkpoint.json" if not a.out else Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "median": table, "runs": results}, indent=1) + "\n")
+    out.write_text(json.dumps({"args": vars(a), "median": table, "runs": results, "resume": resume}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

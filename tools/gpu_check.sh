@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in one call (DESIGN §4, ../shared/gpu/README.md), most important first:
-#   1. the GPU tests: pretraining through Transformer Engine in BF16 and FP8, evaluation from the final
-#      checkpoint, distributed-optimizer checkpoints (fully_reshardable, sync and async) resumed exactly,
-#      and `megaflow plan`'s memory against measured memory;
-#   2. the 1B shape through `megaflow train pretrain` (tp=1, distributed optimizer), BF16 and FP8:
-#      tokens/s and peak memory next to `megaflow plan`'s estimate;
-#   3. the checkpoint stall of a synchronous vs an asynchronous save on the 1B shape;
-#   4. the 1B step benchmark against bare megatron-core + TE and HF transformers.
+# One GPU session's checks, in one call (DESIGN §4, ../shared/gpu/README.md), most important first, each
+# under its own time limit so that a hang costs one section, not the session:
+#   1. the 1B shape (configs/stages/pretrain-1b.yaml: tp=1, distributed optimizer) through
+#      `megaflow train pretrain`, BF16 and FP8: tokens/s and peak memory next to `megaflow plan`'s estimate;
+#   2. the checkpoint stall of a synchronous vs an asynchronous save on the 1B shape, then a resume from
+#      the asynchronous run's second-to-last checkpoint compared with the uninterrupted losses;
+#   3. the GPU tests: distributed-optimizer checkpoints (fully_reshardable, sync and async) resumed
+#      exactly, pretraining through Transformer Engine in BF16 and FP8 with evaluation from the final
+#      checkpoint, and `megaflow plan`'s memory against measured memory;
+#   4. (BENCH=1) the 1B step benchmark against bare megatron-core + TE and HF transformers.
 # Usage on the GPU machine, after installing .whl: bash tools/gpu_check.sh [OUTDIR]
 set -uo pipefail
 OUT=${1:-${OUT:-bench-results}}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+SECONDS=0
+section() { echo "=== [$SECONDS s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import megatron.core, transformer_engine.pytorch, torch; print('torch', torch.__version__, 'mcore', megatron.core.__version__)"
-
-timeout 240 python3 -m pytest -q -x -s -p no:cacheprovider tests/gpu 2>&1 | grep -v "Warning\|warn" | tail -30 | tee "$OUT/gpu_tests.txt"
+df -h /tmp | tail -1
 
 for precision in bf16 fp8; do
-  timeout 150 python3 -m megaflow train pretrain --config configs/stages/pretrain-1b.yaml precision=$precision \
-    run.dir="$OUT/run-1b-$precision" run.progress=false 2>&1 | tail -3
+  section "1b via megaflow train, $precision"
+  timeout 120 python3 -m megaflow train pretrain --config configs/stages/pretrain-1b.yaml precision=$precision \
+    run.dir="$OUT/run-1b-$precision" run.progress=false checkpoint.every=0 2>&1 | grep -v "Warning\|warn" | tail -4
+  rm -rf "$OUT/run-1b-$precision/pretrain/final"
   python3 - "$OUT/run-1b-$precision/pretrain/metrics.jsonl" $precision <<'PY' | tee -a "$OUT/train_1b.txt"
 import json, statistics, subprocess, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"split"' not in l][5:]
@@ -32,8 +37,17 @@ print(f"1b {sys.argv[2]} via megaflow train: {statistics.median(r['tok_per_s'] f
 PY
 done
 
-timeout 200 python3 tools/bench_checkpoint.py --config configs/stages/pretrain-1b.yaml --steps 24 --every 8 --repeats 1 \
-  --out "$OUT/bench_checkpoint_1b.json" 2>&1 | tail -5
+section "1b checkpoint stall, sync vs async, and resume"
+timeout 240 python3 tools/bench_checkpoint.py --config configs/stages/pretrain-1b.yaml --steps 16 --every 8 --repeats 1 \
+  --resume-check --out "$OUT/bench_checkpoint_1b.json" 2>&1 | grep -v "Warning\|warn" | tail -8
 
-python3 tools/bench_pretrain.py --shape 1b --precision bf16,fp8 --repeats "${REPEATS:-1}" --max-minutes "${BENCH_MINUTES:-3}" \
-  --out "$OUT/bench_pretrain_1b.json" 2>&1 | grep -v "Warning\|warn" | tail -40
+section "GPU tests"
+timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_checkpoint_gpu.py \
+  tests/gpu/test_pretrain_gpu.py tests/gpu/test_plan_gpu.py 2>&1 | grep -v "Warning\|warn" | tail -30 | tee "$OUT/gpu_tests.txt"
+
+if [ "${BENCH:-0}" = 1 ]; then
+  section "1b step benchmark"
+  python3 tools/bench_pretrain.py --shape 1b --precision bf16,fp8 --repeats "${REPEATS:-1}" --max-minutes "${BENCH_MINUTES:-3}" \
+    --out "$OUT/bench_pretrain_1b.json" 2>&1 | grep -v "Warning\|warn" | tail -40
+fi
+section "done"
