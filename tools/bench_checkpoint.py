@@ -2,12 +2,14 @@
 
 Runs `megaflow train pretrain` with `checkpoint.async_save=false` and `=true` (interleaved repeats) on
 the same config and reads the `checkpoint` records of metrics.jsonl: `stall_s` is the time the training
-loop spent inside the save call (the whole write when synchronous; staging the tensors in host memory
-and starting the writer process when asynchronous). It also reports the step time of the step after
-each save, where a background writer competes with training, against the median step time.
+loop spent inside the save call (the whole write when synchronous; building the state dict, staging the
+tensors in host memory and starting the writer process when asynchronous), and `publish_s` the time an
+asynchronous save's finalization (manifest checksums, rename, `latest`) took at a later step boundary.
+The first save of a process pays one-time setup and is reported apart. It also reports the step time of
+the step after each save, where a background writer competes with training, against the median step time.
 
     python tools/bench_checkpoint.py                                   # CPU: the test config, 60 steps
-    python tools/bench_checkpoint.py --config configs/stages/pretrain-1b.yaml --steps 40 --every 10 \\
+    python tools/bench_checkpoint.py --config configs/stages/pretrain-1b.yaml --steps 60 --every 20 \\
         parallel.distributed_optimizer=true precision=bf16              # GPU: the 1B shape
 """
 
@@ -68,10 +70,23 @@ def run_once(config: str, steps: int, every: int, async_save: bool, overrides: l
     if not keep:  # a 1B shape's checkpoints are tens of GB
         shutil.rmtree(run_dir)
     train_steps = {r["step"]: r["step_time"] for r in rows if "split" not in r}
-    saves = [r for r in rows if r.get("split") == "checkpoint"]
+    saves = [r for r in rows if r.get("split") == "checkpoint" and "stall_s" in r]
+    publishes = [r["publish_s"] for r in rows if r.get("split") == "checkpoint" and "publish_s" in r]
     after = [train_steps[r["step"] + 1] for r in saves if r["step"] + 1 in train_steps]
-    return {"stall_s": statistics.median(r["stall_s"] for r in saves), "saves": len(saves),
+    later = saves[1:] or saves  # the first save of a process also pays one-time setup (see first_stall_s)
+    return {"stall_s": statistics.median(r["stall_s"] for r in later), "first_stall_s": saves[0]["stall_s"],
+            "saves": len(saves), "stall_each_s": [r["stall_s"] for r in saves],
+            "publish_s": statistics.median(publishes) if publishes else None,
             "step_s": statistics.median(train_steps.values()), "step_after_save_s": statistics.median(after) if after else None}
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _fmt(value: float | None, width: int) -> str:
+    return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}}"
 
 
 def main() -> None:
@@ -94,11 +109,13 @@ def main() -> None:
         if a.resume_check:
             results["resume"] = resume_check(a.config, a.steps, a.every, a.overrides, Path(tmp) / "run-async")
     resume = results.pop("resume", None)
-    table = {mode: {k: statistics.median(r[k] for r in runs if r[k] is not None) for k in runs[0]}
-             for mode, runs in results.items()}
-    print(f"{'mode':6} {'stall per save (s)':>19} {'median step (s)':>16} {'step after a save (s)':>22}")
+    scalars = ("first_stall_s", "stall_s", "publish_s", "step_s", "step_after_save_s")
+    table = {mode: {k: _median([r[k] for r in runs]) for k in scalars} for mode, runs in results.items()}
+    print(f"{'mode':6} {'first save (s)':>15} {'later saves (s)':>16} {'publish (s)':>12} {'median step (s)':>16} "
+          f"{'step after a save (s)':>22}")
     for mode, m in table.items():
-        print(f"{mode:6} {m['stall_s']:19.3f} {m['step_s']:16.3f} {m['step_after_save_s']:22.3f}")
+        print(f"{mode:6} {_fmt(m['first_stall_s'], 15)} {_fmt(m['stall_s'], 16)} {_fmt(m['publish_s'], 12)} {_fmt(m['step_s'], 16)} "
+              f"{_fmt(m['step_after_save_s'], 22)}")
     print(f"async / sync stall: {table['async']['stall_s'] / table['sync']['stall_s']:.2f}")
     out = Path(a.out or os.environ.get("OUT", "bench-results")) / "bench_checkpoint.json" if not a.out else Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ PY
 done
 
 section "1b checkpoint stall, sync vs async, and resume"
-timeout 240 python3 tools/bench_checkpoint.py --config configs/stages/pretrain-1b.yaml --steps 16 --every 8 --repeats 1 \
+# measured 2026-11-26 (H200): a synchronous 1B save stalls ~47 s, so 2 saves per run and 1 resume fit ~5 min
+timeout 330 python3 tools/bench_checkpoint.py --config configs/stages/pretrain-1b.yaml --steps 12 --every 6 --repeats 1 \
   --resume-check --out "$OUT/bench_checkpoint_1b.json" 2>&1 | grep -v "Warning\|warn" | tail -8
 
 section "GPU tests"
