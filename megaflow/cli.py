@@ -12,7 +12,7 @@ import sys
 
 from megaflow.errors import RunFailed, UserError
 
-STAGES = ("pretrain", "sft")  # rm, dpo, ppo, grpo follow (DESIGN §5); each is megaflow.algorithms.STAGE
+STAGES = ("pretrain", "sft", "rm", "dpo")  # ppo, grpo follow (DESIGN §5); each is megaflow.algorithms.STAGE
 
 
 def _add_launch(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="text/jsonl/parquet file or indexed .bin/.idx prefix (default: the checkpoint's own validation split)")
     p.add_argument("--metrics", default="ppl",
-                   help="comma-separated: ppl (perplexity), exact_match (greedy answers to --data's prompts)")
+                   help="comma-separated: ppl (perplexity), exact_match (greedy answers to --data's prompts), "
+                        "reward_acc (a reward model's accuracy and margin on --data's preference pairs)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="exact_match: longest answer")
     p.add_argument("--seq-length", type=int, default=None, help="sequence length (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -79,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a directory of local lm-eval task YAMLs")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: at most N documents per task; exact_match: the first N examples")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="lm-eval: few-shot examples")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p = sub.add_parser("score", help="score responses with a reward model",
+                       description="The reward of each response to one user turn: the reward model's value at the "
+                                   "last token of the chat-rendered prompt and response (a checkpoint of "
+                                   "`megaflow train rm`).")
+    p.add_argument("ckpt", help="a reward model's final/ directory")
+    p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument("--response", action="append", default=[], required=True,
+                   help="a response to score (repeat for several)")
+    p.add_argument("--system", default=None, help="an optional system message")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     p = sub.add_parser("inspect", help="show what a checkpoint holds and whether it is complete",
                        description="Stage, step, tokens seen, model config, tokenizer, parallel layout at save time, "
@@ -222,10 +233,17 @@ def _cmd_eval(args) -> int:
     from megaflow.eval.perplexity import evaluate_checkpoint
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = set(metrics) - {"ppl", "exact_match"}
+    unknown = set(metrics) - {"ppl", "exact_match", "reward_acc"}
     if unknown:
-        raise UserError(f"--metrics: unknown metric(s) {', '.join(sorted(unknown))} (available: ppl, exact_match)")
+        raise UserError(f"--metrics: unknown metric(s) {', '.join(sorted(unknown))} (available: ppl, exact_match, reward_acc)")
     result = {}
+    if "reward_acc" in metrics:
+        from megaflow.eval.reward import evaluate_reward_accuracy
+
+        if not args.data or len(metrics) > 1:
+            raise UserError("--metrics reward_acc stands alone and needs --data FILE (preference pairs: "
+                            "prompt/chosen/rejected or HH-RLHF records)")
+        result |= evaluate_reward_accuracy(args.ckpt, args.data, batch_size=args.batch_size, limit=args.limit)
     if "exact_match" in metrics:  # --data holds the questions; ppl then uses the checkpoint's own split
         from megaflow.eval.exact_match import evaluate_exact_match
 
@@ -241,6 +259,18 @@ def _cmd_eval(args) -> int:
     else:
         for k, v in result.items():
             print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from megaflow.eval.reward import score_responses
+
+    scores = score_responses(args.ckpt, args.prompt, args.response, args.system)
+    if args.json:
+        print(json.dumps({"rewards": scores}))
+    else:
+        for response, reward in zip(args.response, scores):
+            print(f"{reward:+.4f}  {response!r}")
     return 0
 
 
@@ -384,6 +414,7 @@ def _cmd_convert(args) -> int:
 COMMANDS = {
     "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval,
     "inspect": _cmd_inspect, "plan": _cmd_plan, "convert": _cmd_convert, "generate": _cmd_generate, "chat": _cmd_chat,
+    "score": _cmd_score,
 }
 
 

@@ -62,3 +62,21 @@ def tiny_pretrain(workdir) -> Path:
     proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir / "runs" / "tiny-test" / "pretrain"
+
+
+SFT_CONFIG = REPO / "configs" / "stages" / "sft-tiny.yaml"
+HELD_OUT = REPO / "data" / "sample" / "sft-words" / "heldout.jsonl"
+SFT_STEPS = 300
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(workdir, tiny_pretrain) -> Path:
+    """The test pretrain fine-tuned on the synthetic instruction set, once per session (SFT, RM and DPO
+    tests start from it): returns its stage directory."""
+    proc = run_megaflow("train", "sft", "--config", str(SFT_CONFIG), f"init_from={tiny_pretrain / 'final'}",
+                        f"data.train=[{{path: {REPO / 'data/sample/sft-words/train.jsonl'}}}]",
+                        f"data.sft.valid=[{HELD_OUT}]", "run.dir=runs/tiny-sft", f"train.steps={SFT_STEPS}",
+                        "eval.exact_match=200", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "packing efficiency" in proc.stdout
+    return workdir / "runs" / "tiny-sft" / "sft"

@@ -1,9 +1,13 @@
-"""Write the synthetic instruction dataset (megaflow.data.synthetic) that the SFT learning test uses.
+"""Write the synthetic instruction dataset (megaflow.data.synthetic) that the SFT learning test uses, or
+with --preference its preference pairs (the reward-model and DPO tests).
 
-    python tools/make_sft_data.py --corpus data/sample/tinyshakespeare.txt --out runs/sft-data \
+    python tools/make_sft_data.py --corpus data/sample/tinyshakespeare.txt --out data/sample/sft-words \
         [--train 2000 --heldout 200 --seed 0 --tasks copy first last]
+    python tools/make_sft_data.py --corpus data/sample/tinyshakespeare.txt --out data/sample/pref-words --preference
 
-Prints the two paths; the files are prompt/response jsonl, which `megaflow train sft` reads as they are.
+Prints the two paths; the files are prompt/response (or prompt/chosen/rejected) jsonl, which
+`megaflow train sft` (`rm`, `dpo`) reads as they are. The same seed and counts give the same prompts in
+both, so the preference set's held-out prompts are the SFT set's held-out prompts.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaflow.data.synthetic import ALL_TASKS, DEFAULT_TASKS, write_instruction_data  # noqa: E402
+from megaflow.data.synthetic import ALL_TASKS, DEFAULT_TASKS, write_instruction_data, write_preference_data  # noqa: E402
 
 
 def main() -> None:
@@ -25,8 +29,10 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=ALL_TASKS)
+    parser.add_argument("--preference", action="store_true", help="write chosen/rejected pairs (a wrong answer rejected)")
     args = parser.parse_args()
-    for path in write_instruction_data(args.corpus, args.out, args.train, args.heldout, args.seed, tuple(args.tasks)):
+    write = write_preference_data if args.preference else write_instruction_data
+    for path in write(args.corpus, args.out, args.train, args.heldout, args.seed, tuple(args.tasks)):
         print(path)
 
 

@@ -12,7 +12,7 @@ from megaflow.config import StageConfig
 from megaflow.errors import UserError
 from megaflow.data.pretrain import BatchIterator, build_datasets, consumed_per_dataset, token_counts, unigram_perplexity
 from megaflow.runtime import distributed as dist
-from megaflow.training import checkpoint, init_from, stage
+from megaflow.training import init_from, stage
 from megaflow.training.engine import Trainer, data_parallel_rank_and_size
 from megaflow.training.lm import LanguageModelTask
 
@@ -82,11 +82,5 @@ def main(cfg: StageConfig) -> dict:
         if dist.is_rank0():
             result["unigram_ppl"] = unigram_perplexity(valid_ds, n_eval, token_counts(train_ds, vocab))
             dist.print_rank0(f"valid ppl {final['ppl']:.2f} (unigram baseline {result['unigram_ppl']:.2f})")
-    meta |= {"step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "parallel_at_save": trainer.layout}
-    checkpoint.save_final(out_dir / "final", trainer.model, meta, tokenizer)
-    result["minutes"] = (time.time() - t_start) / 60
-    trainer.write_json("eval.json", result)
-    trainer.close()
-    dist.print_rank0(f"final checkpoint -> {out_dir / 'final'}")
-    return result
+    return stage.finish(trainer, meta, tokenizer, result, t_start)
 

@@ -154,13 +154,7 @@ def main(cfg: StageConfig) -> dict:
         dist.print_rank0(f"valid loss {final['loss']:.4f}")
     if cfg.eval.exact_match and held_out:
         result |= exact_match_of(trainer, tokenizer, prepared.template, held_out, cfg)
-    meta |= {"step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "parallel_at_save": trainer.layout}
-    checkpoint.save_final(out_dir / "final", trainer.model, meta, tokenizer)
-    result["minutes"] = (time.time() - t_start) / 60
-    trainer.write_json("eval.json", result)
-    trainer.close()
-    dist.print_rank0(f"final checkpoint -> {out_dir / 'final'}")
-    return result
+    return stage.finish(trainer, meta, tokenizer, result, t_start)
 
 
 def exact_match_of(trainer: Trainer, tokenizer, template, held_out, cfg: StageConfig) -> dict:

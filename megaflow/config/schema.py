@@ -131,6 +131,22 @@ class SFTData(Section):
     valid_fraction: float = Field(0.0, ge=0, lt=1)
 
 
+class PreferenceData(Section):
+    """How preference records become (chosen, rejected) pairs (megaflow/data/preference.py)."""
+
+    format: Literal["auto", "explicit", "hh_rlhf", "conversation"] = "auto"
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    system_field: str = "system"
+    margin_field: str = "margin"
+    chat_template: str = "auto"  # auto | builtin | tokenizer | a .jinja path | a Jinja string
+    truncation: Literal["truncate", "truncate_left", "drop", "error"] = "truncate_left"
+    allow_skip: bool = False
+    valid: list[str] = Field(default_factory=list)  # held-out files; else valid_fraction of the training data
+    valid_fraction: float = Field(0.0, ge=0, lt=1)
+
+
 class DataConfig(Section):
     train: list[DataSource] = Field(default_factory=list)
     split: list[float] = Field(default_factory=lambda: [98.0, 1.0, 1.0])
@@ -140,6 +156,7 @@ class DataConfig(Section):
     split_documents_on: Literal["blank_line", "none"] = "blank_line"
     invalid_utf8: Literal["replace", "error"] = "replace"
     sft: SFTData = Field(default_factory=SFTData)
+    preference: PreferenceData = Field(default_factory=PreferenceData)
 
     @model_validator(mode="after")
     def _split(self) -> "DataConfig":
@@ -231,6 +248,32 @@ class ParallelConfig(Section):
         return dp
 
 
+class RMConfig(Section):
+    """The reward model's Bradley-Terry loss: -log sigmoid(r_c - r_r - margin) + center_coef (r_c + r_r)^2."""
+
+    use_margin: bool = True  # subtract the records' `margin` field where they have one
+    center_coef: float = Field(0.0, ge=0)  # reward centering (Eisenstein et al. 2023; TRL center_rewards_coefficient)
+
+
+class DPOConfig(Section):
+    """The DPO family (megaflow/training/losses.py: dpo_loss, rpo_loss)."""
+
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, le=0.5)  # conservative DPO (sigmoid only)
+    rpo_alpha: float | None = Field(None, ge=0)  # RPO: + alpha * NLL of the chosen responses
+    # cached: the reference's log-probs computed once before training and stored on disk, keyed by the
+    # reference checkpoint and the data; live: a frozen reference model next to the policy
+    reference: Literal["cached", "live"] = "cached"
+    reference_from: str | None = None  # the reference checkpoint; default: init_from
+
+    @model_validator(mode="after")
+    def _rules(self) -> "DPOConfig":
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ValueError("dpo.label_smoothing applies to dpo.loss_type=sigmoid only")
+        return self
+
+
 class StageConfig(Section):
     """One stage's whole configuration. `stage` is filled in by the command that runs it."""
 
@@ -246,6 +289,8 @@ class StageConfig(Section):
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
     init_from: str | None = None
+    rm: RMConfig = Field(default_factory=RMConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> "StageConfig":

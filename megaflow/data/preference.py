@@ -429,11 +429,15 @@ def build_sequence_row(ids: np.ndarray, mask: np.ndarray, seq_length: int, pad_i
 
 
 class PreferenceDataset:
-    """Pair i is a dict of [2, seq_length] tensors (row 0 chosen, row 1 rejected; `last_index` [2]) and
-    `margin`, a 0-d float (0.0 where the record had none)."""
+    """Pair i is a dict of [2, seq_length] tensors (row 0 chosen, row 1 rejected; `last_index` [2]),
+    `margin`, a 0-d float (0.0 where the record had none), and `index` (i). Given `reference` ([n, 2]
+    summed response log-probs of a reference model, chosen then rejected), also `ref_logps` [2]."""
 
-    def __init__(self, samples: list[PreferenceSample], seq_length: int, pad_id: int):
-        self.samples, self.seq_length, self.pad_id = samples, seq_length, pad_id
+    def __init__(self, samples: list[PreferenceSample], seq_length: int, pad_id: int,
+                 reference: np.ndarray | None = None):
+        if reference is not None and reference.shape != (len(samples), 2):
+            raise ValueError(f"reference log-probs: expected shape ({len(samples)}, 2), got {reference.shape}")
+        self.samples, self.seq_length, self.pad_id, self.reference = samples, seq_length, pad_id, reference
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -444,15 +448,21 @@ class PreferenceDataset:
                 for ids, mask in ((s.chosen_ids, s.chosen_mask), (s.rejected_ids, s.rejected_mask))]
         out = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in BATCH_KEYS}
         out["margin"] = torch.tensor(0.0 if s.margin is None else s.margin, dtype=torch.float32)
+        out["index"] = torch.tensor(i, dtype=torch.int64)
+        if self.reference is not None:
+            out["ref_logps"] = torch.from_numpy(self.reference[i])
         return out
+
+
+PER_PAIR_KEYS = ("margin", "index")
 
 
 def collate_pairs(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """m dataset items -> one micro-batch for a single forward: every per-row key [2m, ...], chosen rows
-    0..m-1 then the rejected rows m..2m-1 in the same pair order; `margin` [m]."""
+    0..m-1 then the rejected rows m..2m-1 in the same pair order; `margin` and `index` [m]."""
     out = {k: torch.cat([torch.stack([it[k][0] for it in items]), torch.stack([it[k][1] for it in items])])
-           for k in BATCH_KEYS}
-    out["margin"] = torch.stack([it["margin"] for it in items])
+           for k in items[0] if k not in PER_PAIR_KEYS}
+    out |= {k: torch.stack([it[k] for it in items]) for k in PER_PAIR_KEYS}
     return out
 
 

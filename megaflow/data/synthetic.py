@@ -19,6 +19,11 @@ learning directly; held-out prompts are word sequences never seen in training. M
 went from 0% to ~60% held-out exact match on the default tasks; reverse stayed near 0% at that budget,
 so it, addition (100 facts to memorise) and capitals (a new spelling per word) are off by default.
 
+Preference pairs (`make_preference_data`) reuse the instruction examples: the chosen response is the
+exact answer, the rejected one a plausible wrong answer built from the same prompt words (another word
+of the list for first/last, the words in another order for copy). Telling them apart needs the prompt,
+so a reward model or DPO learns the task's rule, not a surface feature of the answers.
+
 Deterministic: the same corpus, counts and seed give byte-identical files.
 """
 
@@ -85,11 +90,37 @@ def make_instruction_data(corpus_text: str, n_train: int = 2000, n_heldout: int 
     return splits[0], splits[1]
 
 
-def write_instruction_data(corpus: str | Path, out_dir: str | Path, n_train: int = 2000, n_heldout: int = 200,
-                           seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS) -> tuple[Path, Path]:
-    """Write OUT_DIR/train.jsonl and OUT_DIR/heldout.jsonl (each written whole, then renamed into place)."""
-    train, heldout = make_instruction_data(Path(corpus).read_text(encoding="utf-8", errors="replace"),
-                                           n_train, n_heldout, seed, tasks)
+def wrong_answer(task: str, prompt: str, answer: str, rng: random.Random) -> str:
+    """A wrong answer made of the prompt's own words: another of them (first, last), or the same words in
+    another order (copy, reverse); for add, a near miss; for uppercase, the words left in lower case."""
+    picked = prompt.split("\n")[1:]
+    if task in ("first", "last"):
+        return rng.choice([w for w in picked if w != answer])
+    if task in ("copy", "reverse"):
+        order = picked[:]
+        while "\n".join(order) == answer:
+            rng.shuffle(order)
+        return "\n".join(order)
+    if task == "add":
+        return str(int(answer) + rng.choice([-2, -1, 1, 2]))
+    if task == "uppercase":
+        return "\n".join(picked)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(ALL_TASKS)}")
+
+
+def make_preference_data(corpus_text: str, n_train: int = 1000, n_heldout: int = 200, seed: int = 0,
+                         tasks: tuple[str, ...] = DEFAULT_TASKS) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) records {"prompt", "chosen", "rejected", "task"} from make_instruction_data's
+    examples (the same seed gives the same prompts) with a wrong answer per prompt as the rejected one."""
+    rng = random.Random(seed + 1)
+    return tuple([{"prompt": r["prompt"], "chosen": r["response"],
+                   "rejected": wrong_answer(r["task"], r["prompt"], r["response"], rng), "task": r["task"]}
+                  for r in split]
+                 for split in make_instruction_data(corpus_text, n_train, n_heldout, seed, tasks))
+
+
+def _write_jsonl(out_dir: str | Path, train: list[dict], heldout: list[dict]) -> tuple[Path, Path]:
+    """OUT_DIR/train.jsonl and OUT_DIR/heldout.jsonl, each written whole, then renamed into place."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -99,3 +130,17 @@ def write_instruction_data(corpus: str | Path, out_dir: str | Path, n_train: int
         tmp.replace(path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def write_preference_data(corpus: str | Path, out_dir: str | Path, n_train: int = 1000, n_heldout: int = 200,
+                          seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS) -> tuple[Path, Path]:
+    """Write make_preference_data's OUT_DIR/train.jsonl and OUT_DIR/heldout.jsonl."""
+    text = Path(corpus).read_text(encoding="utf-8", errors="replace")
+    return _write_jsonl(out_dir, *make_preference_data(text, n_train, n_heldout, seed, tasks))
+
+
+def write_instruction_data(corpus: str | Path, out_dir: str | Path, n_train: int = 2000, n_heldout: int = 200,
+                           seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS) -> tuple[Path, Path]:
+    """Write OUT_DIR/train.jsonl and OUT_DIR/heldout.jsonl (each written whole, then renamed into place)."""
+    text = Path(corpus).read_text(encoding="utf-8", errors="replace")
+    return _write_jsonl(out_dir, *make_instruction_data(text, n_train, n_heldout, seed, tasks))

@@ -236,7 +236,7 @@ def load_for_inference(ckpt: str | Path, tp: int = 1, pp: int = 1, precision: st
 
     _ensure_runtime(tp, pp, seed)
     tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision)
-    chunks = gpt.build_gpt_chunks(cfg.model, tcfg, padded)
+    chunks = gpt.build_gpt_chunks(cfg.model, tcfg, padded, head=meta.get("head", "lm"))
     checkpoint.load_weights(path, chunks)
     for chunk in chunks:
         chunk.eval()

@@ -143,8 +143,42 @@ def layer_spec(model: ModelConfig, tcfg, vp_stage: int | None = None):
     return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=SequenceParallelNorm)
 
 
-def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int) -> list[torch.nn.Module]:
-    """One GPTModel per virtual pipeline stage owned by this rank (a list of one without VPP)."""
+class ScalarHead(torch.nn.Module):
+    """A reward / value model's head in place of GPTModel's output layer: one number per position,
+    `score = h . w` ([s, b, h] -> [s, b, 1]; GPTModel returns it as [b, s, 1]).
+
+    The weight is replicated over tensor-parallel ranks: their hidden states are the same, so each rank
+    computes the whole output and the whole input gradient, and nothing is reduced (unlike a
+    ColumnParallelLinear). With sequence parallelism the sequence shards are gathered first, and the
+    backward only splits the gradient again (`tensor_parallel_output_grad=False`): every rank already
+    holds the full one. Its key is `output_layer.weight` ([1, h]), where megatron's checkpoint code
+    expects an output layer; loading a language model's weights into a reward model leaves it out
+    (megaflow.training.checkpoint.load_weights)."""
+
+    def __init__(self, tcfg):
+        super().__init__()
+        self.sequence_parallel = tcfg.sequence_parallel
+        self.weight = torch.nn.Parameter(torch.empty(1, tcfg.hidden_size, dtype=tcfg.params_dtype))
+        with torch.no_grad():
+            tcfg.init_method(self.weight)
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+        return torch.matmul(hidden_states, self.weight.t()), None
+
+
+HEADS = ("lm", "scalar")
+
+
+def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int, head: str = "lm") -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage owned by this rank (a list of one without VPP). `head`:
+    "lm" (the language-model output layer) or "scalar" (ScalarHead: reward and value models, whose
+    embeddings are never tied to an output layer)."""
+    if head not in HEADS:
+        raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -158,7 +192,7 @@ def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int) -> list[torch.nn
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            share_embeddings_and_output_weights=model.tie_embeddings,
+            share_embeddings_and_output_weights=model.tie_embeddings and head == "lm",
             position_embedding_type="rope" if model.position_embedding == "rope" else "learned_absolute",
             rotary_base=int(model.rotary_base),
             rope_scaling=model.rope_scaling is not None,
@@ -166,6 +200,8 @@ def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int) -> list[torch.nn
             vp_stage=vp_stage if vpp > 1 else None,
         )
         _own_inverse_frequencies(chunk, model)
+        if head == "scalar" and chunk.post_process:
+            chunk.output_layer = ScalarHead(tcfg)
         chunks.append(chunk)
     if not cpu.is_enabled():
         for chunk in chunks:

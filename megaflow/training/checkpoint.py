@@ -202,11 +202,13 @@ def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, schedul
     return final
 
 
-def finalize_saves(async_queue, blocking: bool = False) -> None:
-    """Publish the asynchronous saves whose files are written (all of them when `blocking`). Every rank
-    must call this at the same points (megatron agrees on completion with a collective)."""
+def finalize_saves(async_queue, blocking: bool = False) -> int:
+    """Publish the asynchronous saves whose files are written (all of them when `blocking`); how many were
+    published. Every rank must call this at the same points (megatron agrees on completion with a
+    collective)."""
     if async_queue is not None and async_queue.get_num_unfinalized_calls():
-        async_queue.maybe_finalize_async_calls(blocking=blocking)
+        return len(async_queue.maybe_finalize_async_calls(blocking=blocking))
+    return 0
 
 
 def _publish(tmp: Path, final: Path, ckpt_root: Path, meta: dict, keep: int) -> None:
@@ -323,13 +325,15 @@ def _layout_str(layout: dict) -> str:
     return " ".join(f"{k}={layout.get(k)}" for k in ("tp", "pp", "vpp", "dp", "distributed_optimizer"))
 
 
-def _load_model_state(model_chunks, loaded: dict) -> None:
-    """Load into every chunk; only `_extra_state` entries may be absent (weights-only checkpoints)."""
+def _load_model_state(model_chunks, loaded: dict, skipped_prefix: str | None = None) -> None:
+    """Load into every chunk; only `_extra_state` entries (weights-only checkpoints) and names under
+    `skipped_prefix` (not requested) may be absent."""
     chunks = [unwrap(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
-        missing = [k for k in missing if not k.endswith(EXTRA_STATE)]
+        missing = [k for k in missing if not k.endswith(EXTRA_STATE)
+                   and not (skipped_prefix and k.startswith(skipped_prefix))]
         if missing or unexpected:
             raise UserError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
@@ -368,12 +372,20 @@ def read_meta(ckpt: str | Path) -> dict:
     return json.loads(meta.read_text())
 
 
-def load_weights(ckpt: str | Path, model_chunks) -> None:
-    """Load the weights of a final checkpoint (any TP/PP layout) into freshly built model chunks."""
+OUTPUT_LAYER = "output_layer."
+
+
+def load_weights(ckpt: str | Path, model_chunks, skip_output_layer: bool = False) -> None:
+    """Load the weights of a final checkpoint (any TP/PP layout) into freshly built model chunks.
+    `skip_output_layer` keeps the model's own output layer: a reward model starting from a language
+    model's weights keeps its freshly initialised scalar head."""
     from megatron.core import dist_checkpointing
 
     safe_pickle.install()
     path = Path(ckpt)
     weights = path / "weights" if (path / "weights").is_dir() else path
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks, weights_only=True), str(weights))
-    _load_model_state(model_chunks, loaded)
+    wanted = model_sharded_state_dict(model_chunks, weights_only=True)
+    if skip_output_layer:
+        wanted = {key: {k: v for k, v in sd.items() if not k.startswith(OUTPUT_LAYER)} for key, sd in wanted.items()}
+    loaded = dist_checkpointing.load(wanted, str(weights))
+    _load_model_state(model_chunks, loaded, OUTPUT_LAYER if skip_output_layer else None)

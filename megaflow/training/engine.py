@@ -31,6 +31,9 @@ from megaflow.training.optimizer import build_optimizer, build_scheduler
 
 
 class Task(Protocol):
+    """Optional attributes: `rows_per_sample` (rows of a micro-batch per sample: 2 for preference pairs,
+    chosen and rejected; default 1) and `head` ("lm", default, or "scalar": megaflow.models.gpt)."""
+
     loss_names: tuple[str, ...]  # keys of the loss dict; the first is the loss that is optimised
 
     def forward_step(self, data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]: ...
@@ -56,11 +59,11 @@ def num_microbatches(cfg: StageConfig) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
-def build_model(cfg: StageConfig, vocab_size: int):
+def build_model(cfg: StageConfig, vocab_size: int, head: str = "lm"):
     """Model chunks (one per virtual pipeline stage) wrapped in megatron DDP, and their TransformerConfig."""
     tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.fp8_recipe)
     tcfg.calculate_per_token_loss = True
-    chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size)
+    chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size, head=head)
     return gpt.wrap_ddp(chunks, tcfg, cfg.parallel), tcfg
 
 
@@ -84,9 +87,11 @@ def _reduce_losses(losses: list[dict], names: tuple[str, ...]) -> dict[str, floa
 
 
 def forward_backward(model, task: Task, data_iterators, n_micro: int, seq: int, mbs: int, forward_only: bool):
-    """megatron's schedule (no pipelining, 1F1B or interleaved, as parallel_state says) over one batch."""
+    """megatron's schedule (no pipelining, 1F1B or interleaved, as parallel_state says) over one batch;
+    `mbs` counts samples (a pipeline sends activations of mbs * rows_per_sample rows)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    mbs *= getattr(task, "rows_per_sample", 1)
     return get_forward_backward_func()(
         forward_step_func=task.forward_step,
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
@@ -101,7 +106,8 @@ def forward_backward(model, task: Task, data_iterators, n_micro: int, seq: int, 
 
 @torch.no_grad()
 def evaluate(model, task: Task, data_iterators, iters: int, n_micro: int, seq: int, mbs: int) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over `iters` batches of `n_micro` micro-batches."""
+    """Token-weighted mean loss (and perplexity, for a language-model loss) over `iters` batches of
+    `n_micro` micro-batches, and the means of the task's other reported metrics."""
     for chunk in model:
         chunk.eval()
     losses = []
@@ -111,7 +117,9 @@ def evaluate(model, task: Task, data_iterators, iters: int, n_micro: int, seq: i
         chunk.train()
     reduced = _reduce_losses(losses, task.loss_names)
     loss = reduced[task.loss_names[0]]
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(reduced["_tokens"])}
+    others = {k: v for k, v in reduced.items() if k not in (task.loss_names[0], "_tokens")}
+    ppl = {"ppl": math.exp(min(loss, 50.0))} if task.loss_names[0] == "lm loss" else {}
+    return {"loss": loss, **ppl, "tokens": int(reduced["_tokens"])} | others
 
 
 class TrainingDiverged(RunFailed):
@@ -177,7 +185,7 @@ class Trainer:
         self.cfg, self.task, self.vocab_size, self.stage_dir = cfg, task, vocab_size, stage_dir
         self.meta = meta or {}  # megaflow.json fields of this stage's checkpoints (model, tokenizer, parents)
         self.data_position = data_position  # consumed samples -> a readable breakdown (per dataset of a blend)
-        self.model, self.tcfg = build_model(cfg, vocab_size)
+        self.model, self.tcfg = build_model(cfg, vocab_size, getattr(task, "head", "lm"))
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         one = len(self.model) == 1
@@ -192,8 +200,9 @@ class Trainer:
         self.is_writer = dist.is_rank0()
         self.metrics = MetricsWriter(stage_dir if self.is_writer else None, cfg.run.tensorboard)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        self.flops_per_step = gpt.flops_per_step(cfg.model, vocab_size, cfg.train.global_batch_size, cfg.data.seq_length)
+        rows = cfg.train.global_batch_size * getattr(task, "rows_per_sample", 1)
+        self.tokens_per_step = rows * cfg.data.seq_length
+        self.flops_per_step = gpt.flops_per_step(cfg.model, vocab_size, rows, cfg.data.seq_length)
         self.peak = peak_flops() * world
         self.layout = actual_layout(cfg)
         self.bad_steps = 0  # consecutive non-finite steps
@@ -278,8 +287,11 @@ class Trainer:
 
     def init_weights_from(self, ckpt: str | Path) -> None:
         """Start from another checkpoint's weights (saved in any layout); the optimizer's main (fp32)
-        copies of the parameters follow."""
-        checkpoint.load_weights(ckpt, self.model)
+        copies of the parameters follow. A scalar-head model starting from a language model keeps its
+        own freshly initialised head."""
+        head = getattr(self.task, "head", "lm")
+        other_head = checkpoint.read_meta(ckpt).get("head", "lm") != head
+        checkpoint.load_weights(ckpt, self.model, skip_output_layer=other_head)
         self.optimizer.reload_model_params()
         dist.print_rank0(f"initialised weights from {ckpt}")
 
@@ -347,8 +359,12 @@ class Trainer:
             self.last_eval = self.evaluate(make_valid_iterators, cfg.eval.iters)
             self.metrics.log(step, self.last_eval, prefix="valid")
             if self.is_writer:
-                bar.write(f"step {step}: valid loss {self.last_eval['loss']:.4f} ppl {self.last_eval['ppl']:.2f}")
-        checkpoint.finalize_saves(self.async_saves)  # publish background saves that have finished
+                ppl = f" ppl {self.last_eval['ppl']:.2f}" if "ppl" in self.last_eval else ""
+                bar.write(f"step {step}: valid loss {self.last_eval['loss']:.4f}{ppl}")
+        t0 = time.perf_counter()
+        if checkpoint.finalize_saves(self.async_saves):  # publish background saves that have finished
+            # the manifest's checksums and the rename run here, in the training process: a stall too
+            self.metrics.log(step, {"publish_s": time.perf_counter() - t0}, prefix="checkpoint")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             t0 = time.perf_counter()
             self.save()

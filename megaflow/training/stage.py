@@ -72,3 +72,20 @@ def final_meta(cfg: StageConfig, vocab_size: int, step: int, tokens_seen: int, p
         "parents": parents,
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def finish(trainer, meta: dict, tokenizer: Tokenizer | None, result: dict, t_start: float) -> dict:
+    """The end of a completed stage: the final weights-only checkpoint (with the step, tokens and layout
+    it was saved at) and the tokenizer, eval.json with the stage's minutes, and the trainer closed."""
+    import time
+
+    from megaflow.training import checkpoint
+
+    meta |= {"step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "parallel_at_save": trainer.layout}
+    final = trainer.stage_dir / "final"
+    checkpoint.save_final(final, trainer.model, meta, tokenizer)
+    result["minutes"] = (time.time() - t_start) / 60
+    trainer.write_json("eval.json", result)
+    trainer.close()
+    dist.print_rank0(f"final checkpoint -> {final}")
+    return result

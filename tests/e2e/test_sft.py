@@ -10,26 +10,11 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, run_megaflow
+from tests.conftest import HELD_OUT, REPO, SFT_CONFIG, SFT_STEPS, run_megaflow
 
 pytestmark = pytest.mark.slow
 
-SFT_CONFIG = REPO / "configs" / "stages" / "sft-tiny.yaml"
-HELD_OUT = REPO / "data" / "sample" / "sft-words" / "heldout.jsonl"
-SFT_STEPS = 300
 MIN_EXACT_MATCH = 0.5
-EXAMPLES = 200
-
-
-@pytest.fixture(scope="module")
-def tiny_sft(workdir, tiny_pretrain):
-    proc = run_megaflow("train", "sft", "--config", str(SFT_CONFIG), f"init_from={tiny_pretrain / 'final'}",
-                        f"data.train=[{{path: {REPO / 'data/sample/sft-words/train.jsonl'}}}]",
-                        f"data.sft.valid=[{HELD_OUT}]", "run.dir=runs/tiny-sft", f"train.steps={SFT_STEPS}",
-                        f"eval.exact_match={EXAMPLES}", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "packing efficiency" in proc.stdout
-    return workdir / "runs" / "tiny-sft" / "sft"
 
 
 def _exact_match(workdir, ckpt, limit):
@@ -45,7 +30,7 @@ def test_sft_teaches_the_instructions(workdir, tiny_pretrain, tiny_sft):
     print(f"held-out exact match: base model {base:.1%} (50 examples), after {SFT_STEPS} SFT steps "
           f"{result['exact_match']:.1%} ({result['exact_match_examples']} examples); valid loss {result['valid_loss']:.3f}")
     assert base <= 0.05
-    assert result["exact_match_examples"] == EXAMPLES
+    assert result["exact_match_examples"] == 200
     assert result["exact_match"] >= MIN_EXACT_MATCH
     rows = [json.loads(line) for line in (tiny_sft / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "split" not in r]

@@ -310,7 +310,8 @@ def test_batch_layout_chosen_rows_first_and_log_probs_equal_a_direct_computation
     samples = pref.tokenize_pairs(items, template, pref.PreferenceDataOptions(seq_length=40))
     ds = pref.PreferenceDataset(samples, 40, pad_id=tok.pad_id)
     batch = pref.collate_pairs([ds[i] for i in range(3)])
-    assert set(batch) == set(pref.BATCH_KEYS) | {"margin"}
+    assert set(batch) == set(pref.BATCH_KEYS) | {"margin", "index"}
+    assert batch["index"].tolist() == [0, 1, 2]
     assert batch["tokens"].shape == (6, 40) and batch["tokens"].dtype == torch.int64
     assert batch["margin"].tolist() == [0.0, 1.5, 0.0]
     eot = tok.decode([tok.token_id("end_of_turn")])

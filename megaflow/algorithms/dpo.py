@@ -1,0 +1,133 @@
+"""Stage 3b: direct preference optimisation (DPO, IPO, conservative DPO, RPO) from the SFT model.
+
+What is specific to DPO: the policy's summed response log-probs of chosen and rejected responses (one
+[2m, seq] forward per micro-batch, chosen rows first), the reference's (cached on disk before training,
+or a live frozen model when `dpo.reference: live`), and the loss of megaflow.training.losses.dpo_loss /
+rpo_loss. Every metric is TRL's: implicit rewards beta * log(pi / pi_ref) of chosen and rejected, their
+margin and accuracy, the policy's log-probs, and kl/chosen, the mean per-token log-ratio of policy to
+reference on the chosen responses (an estimate of how far the policy moved, not a KL of its samples).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from megaflow.config import StageConfig
+from megaflow.data.preference import PreferenceDataset, split_chosen_rejected
+from megaflow.errors import UserError
+from megaflow.runtime import distributed as dist
+from megaflow.training import init_from, preference, reference, stage
+from megaflow.training.engine import Trainer
+from megaflow.training.losses import dpo_loss, nll_loss, rpo_loss, sequence_logps
+
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected")
+
+
+class DPOTask:
+    """Micro-batches of m pairs -> the DPO-family loss of each pair. The reference's summed log-probs
+    come with the batch (`ref_logps`, cached) or from `reference_model` (live, one pipeline stage)."""
+
+    rows_per_sample = 2
+
+    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                 rpo_alpha: float | None = None, reference_model: reference.ReferenceModel | None = None):
+        self.loss_type, self.beta, self.label_smoothing, self.rpo_alpha = loss_type, beta, label_smoothing, rpo_alpha
+        self.reference_model = reference_model
+        self.loss_names = ("dpo loss", *PAIR_METRICS, "kl/chosen") + (("nll_loss",) if rpo_alpha is not None else ())
+
+    def forward_step(self, data_iterator, model):
+        batch = preference.batch_on_device(data_iterator)
+        ce = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        if self.reference_model is not None:
+            batch["ref_logps"] = sequence_logps(self.reference_model.token_logps(batch), batch["loss_mask"])
+        return ce, functools.partial(self.loss_func, batch)
+
+    def loss_func(self, batch: dict, ce: torch.Tensor):
+        token_logps = -ce.float()
+        mask = batch["loss_mask"]
+        policy_c, policy_r = split_chosen_rejected(sequence_logps(token_logps, mask))
+        ref_c, ref_r = split_chosen_rejected(batch["ref_logps"])
+        len_c, len_r = split_chosen_rejected(mask.float().sum(-1))
+        args = (policy_c, policy_r, ref_c, ref_r, self.beta)
+        kwargs = {"loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
+                  "chosen_lengths": len_c, "rejected_lengths": len_r}
+        if self.rpo_alpha is not None:
+            chosen_nll = nll_loss(split_chosen_rejected(token_logps)[0], split_chosen_rejected(mask)[0])
+            losses, metrics = rpo_loss(*args, self.rpo_alpha, chosen_nll, **kwargs)
+        else:
+            losses, metrics = dpo_loss(*args, **kwargs)
+        m = len(losses)
+        reports = {"dpo loss": preference.report(losses.mean(), m)}
+        reports |= {k: preference.report(metrics[k], m) for k in PAIR_METRICS}
+        reports["kl/chosen"] = preference.report(metrics["kl/chosen"], float(len_c.sum()))  # token-weighted
+        if self.rpo_alpha is not None:
+            reports["nll_loss"] = preference.report(metrics["nll_loss"], float(len_c.sum()))
+        return losses.sum(), torch.tensor(m, dtype=torch.int, device=losses.device), reports
+
+
+def _check(cfg: StageConfig) -> None:
+    if cfg.dpo.reference == "live" and cfg.parallel.pp > 1:
+        raise UserError("dpo.reference=live runs the reference inside the policy's forward step, which a pipeline "
+                        "cannot; use dpo.reference=cached (the default) with parallel.pp > 1")
+    if cfg.dpo.reference_from:
+        init_from.check_spec(cfg.dpo.reference_from)
+
+
+def main(cfg: StageConfig) -> dict:
+    """`megaflow train dpo`: pairs, reference log-probs (cached or live), policy from the SFT checkpoint,
+    loop, held-out preference metrics before and after, final checkpoint."""
+    t_start = time.time()
+    _check(cfg)
+    s = preference.start(cfg)
+    ref_dir = s.init_dir
+    if cfg.dpo.reference_from:
+        ref_dir = init_from.resolve_init_from(cfg.dpo.reference_from, log=dist.print_rank0)
+    t, pad, seq = cfg.train, s.prepared.tokenizer.pad_id, cfg.data.seq_length
+    out_dir = stage.write_resolved_config(cfg)
+
+    live = None
+    if cfg.dpo.reference == "cached":
+        cache_dir = stage.stage_dir(cfg).parent / "cache"
+        train_ref, path, computed = reference.cached_logps(cfg, s.vocab, ref_dir, s.train, pad, cache_dir)
+        dist.print_rank0(f"reference log-probs {'computed -> ' if computed else 'from cache '}{path}")
+        held_ref = reference.cached_logps(cfg, s.vocab, ref_dir, s.held_out, pad, cache_dir)[0] if s.held_out else None
+    else:
+        live, train_ref, held_ref = reference.ReferenceModel(cfg, s.vocab, ref_dir), None, None
+    train_ds = PreferenceDataset(s.train, seq, pad, train_ref)
+    valid_ds = PreferenceDataset(s.held_out, seq, pad, held_ref) if s.held_out else None
+
+    meta = stage.final_meta(cfg, s.vocab, 0, 0, [str(s.init_dir)]) | {"reference": str(ref_dir)}
+    d = cfg.dpo
+    trainer = Trainer(cfg, DPOTask(d.loss_type, d.beta, d.label_smoothing, d.rpo_alpha, live), s.vocab, out_dir, meta)
+    resumed = trainer.maybe_resume()
+    if not resumed:
+        trainer.init_weights_from(s.init_dir)
+    n_chunks = len(trainer.model)
+    make_valid = None
+    if valid_ds is not None:
+        make_valid = lambda: preference.batch_iterators(cfg, n_chunks, valid_ds, shuffle=False)  # noqa: E731
+    valid_iters = max(1, len(valid_ds) // t.global_batch_size) if valid_ds is not None else 0
+    result = {"resumed": resumed, "data": s.prepared.summary.as_dict()}
+    if make_valid is not None and cfg.eval.final and not resumed:
+        result |= _held_out(trainer.evaluate(make_valid, valid_iters), "before")
+    status = trainer.train(lambda consumed: preference.batch_iterators(cfg, n_chunks, train_ds, consumed), make_valid)
+    result |= {"status": status, "step": trainer.state.step, "skipped_steps": trainer.skipped_total}
+    if status != "done":
+        trainer.close()
+        return result
+
+    if make_valid is not None and cfg.eval.final:
+        result |= _held_out(trainer.evaluate(make_valid, valid_iters), "valid")
+    return stage.finish(trainer, meta, s.prepared.tokenizer, result, t_start)
+
+
+def _held_out(means: dict, prefix: str) -> dict:
+    """The held-out DPO metrics under `prefix`: loss, reward accuracy and margin, log-probs, kl/chosen."""
+    dist.print_rank0(f"held-out ({prefix}): dpo loss {means['loss']:.4f}, reward accuracy "
+                     f"{means['rewards/accuracies']:.1%}, margin {means['rewards/margins']:.4f}")
+    keep = {"loss": means["loss"]} | {k: v for k, v in means.items() if "/" in k or k == "nll_loss"}
+    return {f"{prefix}_{k.replace('/', '_')}": v for k, v in keep.items()}

@@ -1,0 +1,121 @@
+"""Stage 3a: a reward model, trained on preference pairs with the Bradley-Terry loss.
+
+What is specific to the reward model: the model's scalar head (megaflow.models.gpt.ScalarHead, in place
+of the language-model output layer, initialised fresh while the body starts from the SFT checkpoint),
+the reward read at the last token of each sequence, and the loss
+
+    l = -log sigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)^2
+
+(megaflow.training.losses.bradley_terry_loss). The final checkpoint records `"head": "scalar"`, so
+`megaflow eval --metrics reward_acc`, `megaflow score` and the PPO / GRPO stages load it as a reward model.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from megaflow.config import StageConfig
+from megaflow.data.preference import PreferenceDataset, split_chosen_rejected
+from megaflow.runtime import distributed as dist
+from megaflow.training import preference, stage
+from megaflow.training.engine import Trainer
+from megaflow.training.losses import bradley_terry_loss, reward_metrics
+
+METRICS = ("accuracy", "margin", "reward/chosen_mean", "reward/rejected_mean")
+
+
+class RewardTask:
+    """Micro-batches of m pairs ([2m, seq] rows, chosen first) -> one reward per row at its last token."""
+
+    rows_per_sample = 2
+    head = "scalar"
+    loss_names = ("rm loss", *METRICS)
+
+    def __init__(self, use_margin: bool = True, center_coef: float = 0.0):
+        self.use_margin, self.center_coef = use_margin, center_coef
+        self.recorded: list[torch.Tensor] | None = None  # when a list: every evaluated pair's rewards [m, 2]
+
+    def forward_step(self, data_iterator, model):
+        batch = preference.batch_on_device(data_iterator)
+        values = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        return values, functools.partial(self.loss_func, batch)
+
+    def loss_func(self, batch: dict, values: torch.Tensor):
+        rewards = values[torch.arange(values.shape[0], device=values.device), batch["last_index"], 0]
+        r_chosen, r_rejected = split_chosen_rejected(rewards)
+        margin = batch["margin"] if self.use_margin else None
+        losses, metrics = bradley_terry_loss(r_chosen, r_rejected, margin, self.center_coef)
+        if self.recorded is not None:
+            self.recorded.append(torch.stack([r_chosen, r_rejected], dim=1).detach().float().cpu())
+        m = len(losses)
+        reports = {"rm loss": preference.report(losses.mean(), m)}
+        reports |= {k: preference.report(metrics[k], m) for k in METRICS}
+        return losses.sum(), torch.tensor(m, dtype=torch.int, device=losses.device), reports
+
+
+def main(cfg: StageConfig) -> dict:
+    """`megaflow train rm`: pairs, model from the SFT checkpoint with a fresh scalar head, loop, held-out
+    accuracy, margin and reward distribution, final checkpoint."""
+    t_start = time.time()
+    s = preference.start(cfg)
+    t = cfg.train
+    pad = s.prepared.tokenizer.pad_id
+    train_ds = PreferenceDataset(s.train, cfg.data.seq_length, pad)
+    valid_ds = PreferenceDataset(s.held_out, cfg.data.seq_length, pad) if s.held_out else None
+    out_dir = stage.write_resolved_config(cfg)
+
+    meta = stage.final_meta(cfg, s.vocab, 0, 0, [str(s.init_dir)]) | {"head": "scalar"}
+    task = RewardTask(cfg.rm.use_margin, cfg.rm.center_coef)
+    trainer = Trainer(cfg, task, s.vocab, out_dir, meta)
+    resumed = trainer.maybe_resume()
+    if not resumed:
+        trainer.init_weights_from(s.init_dir)  # the body; the scalar head starts fresh
+    n_chunks = len(trainer.model)
+    make_valid = None
+    if valid_ds is not None:
+        make_valid = lambda: preference.batch_iterators(cfg, n_chunks, valid_ds, shuffle=False)  # noqa: E731
+    status = trainer.train(lambda consumed: preference.batch_iterators(cfg, n_chunks, train_ds, consumed), make_valid)
+    result = {"status": status, "step": trainer.state.step, "resumed": resumed, "skipped_steps": trainer.skipped_total,
+              "data": s.prepared.summary.as_dict()}
+    if status != "done":
+        trainer.close()
+        return result
+
+    if make_valid is not None and cfg.eval.final:
+        result |= held_out_evaluation(trainer, task, make_valid, len(valid_ds), t.global_batch_size)
+    return stage.finish(trainer, meta, s.prepared.tokenizer, result, t_start)
+
+
+def held_out_evaluation(trainer: Trainer, task: RewardTask, make_valid, n_pairs: int, global_batch: int) -> dict:
+    """Accuracy, mean margin and the reward distribution over the held-out pairs (whole global batches)."""
+    task.recorded = []
+    try:
+        means = trainer.evaluate(make_valid, max(1, n_pairs // global_batch))
+    finally:
+        recorded, task.recorded = task.recorded, None
+    rewards = _gather_rewards(recorded)
+    out = {"valid_loss": means["loss"], "valid_accuracy": means["accuracy"], "valid_margin": means["margin"],
+           "valid_pairs": int(rewards.shape[0])}
+    if len(rewards):  # the distribution: chosen and rejected means, mean, std, min and max of all rewards
+        out |= {f"valid_{k}": float(v) for k, v in reward_metrics(rewards[:, 0], rewards[:, 1]).items()
+                if k.startswith("reward/")}
+    dist.print_rank0(f"held-out reward accuracy {means['accuracy']:.1%}, mean margin {means['margin']:.3f} "
+                     f"on {rewards.shape[0]} pairs")
+    return out
+
+
+def _gather_rewards(recorded: list[torch.Tensor]) -> torch.Tensor:
+    """[n, 2] rewards of every evaluated pair, from the ranks that computed them (each data-parallel
+    replica's last pipeline stage, TP rank 0), on every rank."""
+    from megatron.core import parallel_state as ps
+
+    holder = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    mine = torch.cat(recorded) if recorded and holder else torch.zeros(0, 2)
+    if not torch.distributed.is_initialized():
+        return mine
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return torch.cat(everyone)

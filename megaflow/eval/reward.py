@@ -1,0 +1,66 @@
+"""Reward-model evaluation: accuracy on preference pairs, and rewards of given responses.
+
+    accuracy = mean_i 1[r(x, y_chosen,i) > r(x, y_rejected,i)]      (a tie counts as wrong, as in TRL)
+    margin   = mean_i (r(x, y_chosen,i) - r(x, y_rejected,i))
+
+with r the reward model's value at the last token of the chat-rendered prompt and response
+(megaflow.inference.reward). The pairs are read and rendered as the rm stage read its training data:
+the same record formats and the checkpoint's own `data.preference` settings (chat template included).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megaflow.errors import UserError
+
+
+def _options(ckpt: str, seq_length: int):
+    from megaflow.data.preference import PreferenceDataOptions
+    from megaflow.training.checkpoint import read_meta
+
+    raw = (read_meta(ckpt).get("config") or {}).get("data", {})
+    return PreferenceDataOptions.from_config(raw.get("preference", {}), seq_length=raw.get("seq_length", seq_length))
+
+
+def _template(model, opts):
+    from megaflow.data.chat import ChatTemplate, chat_tokenizer
+
+    tokenizer, source, _ = chat_tokenizer(model.tokenizer, opts.chat_template)
+    return ChatTemplate(tokenizer, source)
+
+
+def evaluate_reward_accuracy(ckpt: str, data: str, batch_size: int = 16, limit: int | None = None) -> dict:
+    """`megaflow eval RM_CKPT --metrics reward_acc --data PAIRS`: accuracy, mean margin, reward distribution."""
+    from megaflow.data.preference import load_pairs, tokenize_pairs
+    from megaflow.inference import load_for_inference
+    from megaflow.inference.reward import rewards
+    from megaflow.training.losses import reward_metrics
+
+    if not Path(data).exists():
+        raise UserError(f"--data: file not found: {data}")
+    model = load_for_inference(ckpt)
+    opts = _options(ckpt, model.max_sequence_length)
+    pairs = load_pairs([data], opts)
+    samples = tokenize_pairs(pairs[:limit] if limit else pairs, _template(model, opts), opts)
+    r_c = torch.tensor(rewards(model, [s.chosen_ids for s in samples], batch_size))
+    r_r = torch.tensor(rewards(model, [s.rejected_ids for s in samples], batch_size))
+    metrics = {k.replace("reward/", "reward_"): float(v) for k, v in reward_metrics(r_c, r_r).items()}
+    return {"reward_accuracy": metrics.pop("accuracy"), "reward_margin": metrics.pop("margin"),
+            "reward_pairs": len(samples)} | metrics
+
+
+def score_responses(ckpt: str, prompt: str, responses: list[str], system: str | None = None) -> list[float]:
+    """`megaflow score RM_CKPT --prompt P --response R ...`: the reward of each response to one user turn."""
+    from megaflow.data.preference import encode_response
+    from megaflow.inference import load_for_inference
+    from megaflow.inference.reward import rewards
+
+    if not responses:
+        raise UserError("--response: give at least one response to score")
+    model = load_for_inference(ckpt)
+    template = _template(model, _options(ckpt, model.max_sequence_length))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return rewards(model, [encode_response(template, messages, r)[0] for r in responses])
