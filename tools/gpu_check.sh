@@ -3,6 +3,7 @@
 # under its own time limit so that a hang costs one section, not the session:
 #   1. the 1B shape (configs/stages/pretrain-1b.yaml: tp=1, distributed optimizer) through
 #      `megaflow train pretrain`, BF16 and FP8: tokens/s and peak memory next to `megaflow plan`'s estimate;
+#      then SFT and DPO on the same shape from the BF16 result (configs/stages/{sft,dpo}-1b.yaml): positions/s;
 #   2. the checkpoint stall of a synchronous vs an asynchronous save on the 1B shape, then a resume from
 #      the asynchronous run's second-to-last checkpoint compared with the uninterrupted losses;
 #   3. the GPU tests: distributed-optimizer checkpoints (fully_reshardable, sync and async) resumed
@@ -24,7 +25,7 @@ for precision in bf16 fp8; do
   section "1b via megaflow train, $precision"
   timeout 120 python3 -m megaflow train pretrain --config configs/stages/pretrain-1b.yaml precision=$precision \
     run.dir="$OUT/run-1b-$precision" run.progress=false checkpoint.every=0 2>&1 | grep -v "Warning\|warn" | tail -4
-  rm -rf "$OUT/run-1b-$precision/pretrain/final"
+  [ "$precision" = bf16 ] || rm -rf "$OUT/run-1b-$precision/pretrain/final"  # bf16's starts SFT and DPO below
   python3 - "$OUT/run-1b-$precision/pretrain/metrics.jsonl" $precision <<'PY' | tee -a "$OUT/train_1b.txt"
 import json, statistics, subprocess, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"split"' not in l][5:]
@@ -36,6 +37,20 @@ print(f"1b {sys.argv[2]} via megaflow train: {statistics.median(r['tok_per_s'] f
       f"plan: {stage['total'] - stage['overhead']:.2f} GiB without its {stage['overhead']} GiB allowance")
 PY
 done
+
+for stage in sft dpo; do
+  section "1b $stage tokens/s (positions/s) from the bf16 pretrain"
+  timeout 150 python3 -m megaflow train $stage --config configs/stages/$stage-1b.yaml \
+    init_from="$OUT/run-1b-bf16/pretrain/final" run.dir="$OUT/run-1b-$stage" run.progress=false 2>&1 | grep -v "Warning\|warn" | tail -3
+  rm -rf "$OUT/run-1b-$stage/$stage/final" "$OUT/run-1b-$stage/cache"
+  python3 - "$OUT/run-1b-$stage/$stage/metrics.jsonl" $stage <<'PY' | tee -a "$OUT/train_1b.txt"
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"split"' not in l][5:]
+print(f"1b {sys.argv[2]} bf16: {statistics.median(r['tok_per_s'] for r in rows):.0f} positions/s, "
+      f"mfu {statistics.median(r['mfu'] for r in rows):.3f}, peak allocated {max(r['peak_mem_gib'] for r in rows):.2f} GiB")
+PY
+done
+rm -rf "$OUT/run-1b-bf16/pretrain/final"
 
 section "1b checkpoint stall, sync vs async, and resume"
 # measured 2026-11-26 (H200): a synchronous 1B save stalls ~47 s, so 2 saves per run and 1 resume fit ~5 min
