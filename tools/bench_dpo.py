@@ -51,8 +51,8 @@ import bench_sft  # noqa: E402  (setup, megaflow overrides, worker calls, the op
 
 REPO_ROOT = common.REPO_ROOT
 DATA = REPO_ROOT / "data" / "sample" / "pref-words" / "train.jsonl"
-IMPLS = ("megaflow", "trl")
-LABELS = {"megaflow": "megaflow DPO", "trl": "TRL DPOTrainer"}
+IMPLS = ("megaflow", "megaflow-packed", "trl")
+LABELS = {"megaflow": "megaflow DPO", "megaflow-packed": "megaflow DPO, packed", "trl": "TRL DPOTrainer"}
 DEFAULTS = {
     "cpu": dict(shape="small", seq=32, batch=16, repeats=5, steps=6, warmup=2, worker_timeout=900.0, max_minutes=None),
     "gpu": dict(shape="1b", seq=32, batch=128, repeats=3, steps=10, warmup=3, worker_timeout=400.0, max_minutes=8.0),
@@ -72,7 +72,8 @@ def megaflow_overrides(spec: dict) -> list[str]:
     """bench_sft's model and optimizer settings, as the dpo stage from the converted checkpoint's source."""
     ov = [x for x in bench_sft.megaflow_overrides(spec, spec["seq"], spec["batch"]) if x != "stage=sft"]
     return ov + ["stage=dpo", f"dpo.loss_type={spec['loss_type']}", f"dpo.beta={BETA}", "dpo.reference=cached",
-                 "data.preference.valid=[]", "eval.final=false"]
+                 "data.preference.valid=[]", "eval.final=false",
+                 f"data.preference.packing={str(spec['impl'] == 'megaflow-packed').lower()}"]
 
 
 def work_megaflow(spec: dict) -> dict:
@@ -82,12 +83,13 @@ def work_megaflow(spec: dict) -> dict:
 
     from megaflow.algorithms.dpo import DPOTask
     from megaflow.config import load_config
-    from megaflow.data.preference import PreferenceBatchIterator, PreferenceDataset
+    from megaflow.data.preference import PreferenceBatchIterator
+    from megaflow.data.sft import SFTBatchIterator
     from megaflow.models.gpt import use_transformer_engine
     from megaflow.training import preference, reference
     from megaflow.training.engine import Trainer
 
-    run_dir, seq, batch = Path(spec["dir"]) / "run", spec["seq"], spec["batch"]
+    run_dir, batch = Path(spec["dir"]) / "run", spec["batch"]
     cfg = load_config(None, [*megaflow_overrides(spec), f"run.dir={run_dir}", f"init_from={spec['ckpt']}",
                              f"data.train=[{{path: {spec['pairs']}}}]"])
     t0 = time.perf_counter()
@@ -99,16 +101,25 @@ def work_megaflow(spec: dict) -> dict:
     ref, _, computed = reference.cached_logps(cfg, s.vocab, s.init_dir, s.train, pad, run_dir / "cache")
     ref_s = time.perf_counter() - t_ref
     assert computed
-    data = PreferenceDataset(s.train, seq, pad, ref)
-    trainer = Trainer(cfg, DPOTask(spec["loss_type"], BETA), s.vocab, run_dir / "dpo")
+    packed = cfg.data.preference.packing
+    data = reference.pair_dataset(cfg, s.train, pad, ref)
+    if packed:  # the same pairs in all: rows of 2 x seq, as many per step as cover them in the run's steps
+        batch = -(-len(data) // (spec["warmup"] + spec["steps"]))
+        cfg.train.micro_batch_size = cfg.train.global_batch_size = batch
+    trainer = Trainer(cfg, DPOTask(spec["loss_type"], BETA, packed=packed), s.vocab, run_dir / "dpo")
     trainer.init_weights_from(s.init_dir)
     stats, ends, losses = [], [], []
 
-    class Counted(PreferenceBatchIterator):
+    class Counted(SFTBatchIterator if packed else PreferenceBatchIterator):
         def __next__(self):
             b = super().__next__()
-            stats.append(_stats(b["segment_ids"].sum(), b["tokens"].shape[0] // 2, b["loss_mask"].sum(),
-                                b["tokens"].numel()))
+            if packed:  # tokens: each pair's two sequences, as unpacked (shared prompts count twice)
+                members = [int(i) for i in b["pair_index"].reshape(-1) if i >= 0]
+                tokens = sum(len(s.train[i].chosen_ids) + len(s.train[i].rejected_ids) for i in members)
+                stats.append(_stats(tokens, len(members), b["loss_mask"].sum(), b["tokens"].numel()))
+            else:
+                stats.append(_stats(b["segment_ids"].sum(), b["tokens"].shape[0] // 2, b["loss_mask"].sum(),
+                                    b["tokens"].numel()))
             return b
 
     step = trainer.train_step
@@ -211,9 +222,9 @@ def work_trl(spec: dict) -> dict:
 
 
 def run_worker(spec: dict) -> None:
-    if spec["impl"] == "megaflow":
+    if spec["impl"].startswith("megaflow"):
         import megatron.core  # noqa: F401  before any cuDNN op (Transformer Engine, ../shared/gpu/README.md)
-    out = {"megaflow": work_megaflow, "trl": work_trl}[spec["impl"]](spec)
+    out = {"megaflow": work_megaflow, "megaflow-packed": work_megaflow, "trl": work_trl}[spec["impl"]](spec)
     w, ends = spec["warmup"], out.pop("ends")
     out["times"] = [b - a for a, b in zip(ends[w - 1:], ends[w:])]
     out["stats"], out["losses"] = out["stats"][:len(ends)], out["losses"][:len(ends)]
@@ -287,7 +298,9 @@ def summarize(a, results: list[dict]) -> dict:
                       "tokens_per_step_all": [s["tokens"] for s in runs[0]["stats"]],
                       "response_tokens_per_step": [s["response_tokens"] for s in runs[0]["stats"]],
                       "info": runs[0]["info"]}
-    mf, trl = rows["megaflow"], rows["trl"]
+    mf, trl, packed = rows["megaflow"], rows["trl"], rows["megaflow-packed"]
+    if not packed.get("failed") and not trl.get("failed"):
+        trl["packed_over_this_pairs"] = packed["pairs_per_s"] / trl["pairs_per_s"]
     if not mf.get("failed") and not trl.get("failed"):
         trl |= {"megaflow_over_this": mf["steps_per_s"] / trl["steps_per_s"],
                 "first_loss_diff_vs_megaflow": abs(mf["first_loss"] - trl["first_loss"]),
@@ -308,6 +321,9 @@ def print_table(rows: dict, a, convert: dict, loads: list[float]) -> None:
                                       "tokens / positions per step", "ref pass s", "loss step 1 -> last",
                                       "megaflow/this"], table))
     t = rows["trl"]
+    if "packed_over_this_pairs" in t:
+        print(f"* megaflow packed / TRL in pairs/s: {t['packed_over_this_pairs']:.2f} (packed rows of 2 x --seq, "
+              "prompts shared with the local attention; the same pairs in all, in fewer, fuller steps)")
     if "same_tokens_per_step" in t:
         same = "the same on both sides" if t["same_tokens_per_step"] else f"DIFFER: TRL {t['tokens_per_step_all']}"
         print(f"* tokens per step {same}; step-1 loss |diff| {t['first_loss_diff_vs_megaflow']:.2e} "

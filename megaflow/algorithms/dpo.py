@@ -16,12 +16,11 @@ import time
 import torch
 
 from megaflow.config import StageConfig
-from megaflow.data.preference import PreferenceDataset, split_chosen_rejected
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.training import init_from, preference, reference, stage
 from megaflow.training.engine import Trainer
-from megaflow.training.losses import dpo_loss, nll_loss, rpo_loss, sequence_logps
+from megaflow.training.losses import dpo_loss, nll_loss, rpo_loss
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
@@ -31,41 +30,41 @@ class DPOTask:
     """Micro-batches of m pairs -> the DPO-family loss of each pair. The reference's summed log-probs
     come with the batch (`ref_logps`, cached) or from `reference_model` (live, one pipeline stage)."""
 
-    rows_per_sample = 2
-
     def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                 rpo_alpha: float | None = None, reference_model: reference.ReferenceModel | None = None):
+                 rpo_alpha: float | None = None, reference_model: reference.ReferenceModel | None = None,
+                 packed: bool = False):
+        # a sample is a pair as two rows of seq_length, or a packed row of 2 * seq_length holding several
+        self.rows_per_sample, self.row_length_factor = (1, 2) if packed else (2, 1)
         self.loss_type, self.beta, self.label_smoothing, self.rpo_alpha = loss_type, beta, label_smoothing, rpo_alpha
         self.reference_model = reference_model
         self.loss_names = ("dpo loss", *PAIR_METRICS, "kl/chosen") + (("nll_loss",) if rpo_alpha is not None else ())
 
     def forward_step(self, data_iterator, model):
         batch = preference.batch_on_device(data_iterator)
-        ce = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        ce = preference.forward(model, batch)
         if self.reference_model is not None:
-            batch["ref_logps"] = sequence_logps(self.reference_model.token_logps(batch), batch["loss_mask"])
+            live = preference.pair_logps(batch, self.reference_model.token_logps(batch))
+            batch["live_ref"] = torch.stack([live.chosen, live.rejected], 1)
         return ce, functools.partial(self.loss_func, batch)
 
     def loss_func(self, batch: dict, ce: torch.Tensor):
         token_logps = -ce.float()
-        mask = batch["loss_mask"]
-        policy_c, policy_r = split_chosen_rejected(sequence_logps(token_logps, mask))
-        ref_c, ref_r = split_chosen_rejected(batch["ref_logps"])
-        len_c, len_r = split_chosen_rejected(mask.float().sum(-1))
-        args = (policy_c, policy_r, ref_c, ref_r, self.beta)
+        pairs = preference.pair_logps(batch, token_logps)
+        ref = batch["live_ref"] if "live_ref" in batch else preference.per_pair(batch, "ref_logps")
+        args = (pairs.chosen, pairs.rejected, ref[:, 0], ref[:, 1], self.beta)
         kwargs = {"loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
-                  "chosen_lengths": len_c, "rejected_lengths": len_r}
+                  "chosen_lengths": pairs.chosen_lengths, "rejected_lengths": pairs.rejected_lengths}
         if self.rpo_alpha is not None:
-            chosen_nll = nll_loss(split_chosen_rejected(token_logps)[0], split_chosen_rejected(mask)[0])
+            chosen_nll = nll_loss(token_logps, pairs.chosen_token_mask)
             losses, metrics = rpo_loss(*args, self.rpo_alpha, chosen_nll, **kwargs)
         else:
             losses, metrics = dpo_loss(*args, **kwargs)
-        m = len(losses)
+        m, chosen_tokens = len(losses), float(pairs.chosen_lengths.sum())
         reports = {"dpo loss": preference.report(losses.mean(), m)}
         reports |= {k: preference.report(metrics[k], m) for k in PAIR_METRICS}
-        reports["kl/chosen"] = preference.report(metrics["kl/chosen"], float(len_c.sum()))  # token-weighted
+        reports["kl/chosen"] = preference.report(metrics["kl/chosen"], chosen_tokens)  # token-weighted
         if self.rpo_alpha is not None:
-            reports["nll_loss"] = preference.report(metrics["nll_loss"], float(len_c.sum()))
+            reports["nll_loss"] = preference.report(metrics["nll_loss"], chosen_tokens)
         return losses.sum(), torch.tensor(m, dtype=torch.int, device=losses.device), reports
 
 
@@ -86,7 +85,7 @@ def main(cfg: StageConfig) -> dict:
     ref_dir = s.init_dir
     if cfg.dpo.reference_from:
         ref_dir = init_from.resolve_init_from(cfg.dpo.reference_from, log=dist.print_rank0)
-    t, pad, seq = cfg.train, s.prepared.tokenizer.pad_id, cfg.data.seq_length
+    t, pad = cfg.train, s.prepared.tokenizer.pad_id
     out_dir = stage.write_resolved_config(cfg)
 
     live = None
@@ -97,12 +96,16 @@ def main(cfg: StageConfig) -> dict:
         held_ref = reference.cached_logps(cfg, s.vocab, ref_dir, s.held_out, pad, cache_dir)[0] if s.held_out else None
     else:
         live, train_ref, held_ref = reference.ReferenceModel(cfg, s.vocab, ref_dir), None, None
-    train_ds = PreferenceDataset(s.train, seq, pad, train_ref)
-    valid_ds = PreferenceDataset(s.held_out, seq, pad, held_ref) if s.held_out else None
+    train_ds = reference.pair_dataset(cfg, s.train, pad, train_ref)
+    valid_ds = reference.pair_dataset(cfg, s.held_out, pad, held_ref) if s.held_out else None
+    if cfg.data.preference.packing:
+        dist.print_rank0(f"packed {len(s.train)} pairs into {len(train_ds)} rows of {train_ds.row_length} "
+                         f"(packing efficiency {train_ds.efficiency():.1%}, prompts shared: {train_ds.share})")
 
     meta = stage.final_meta(cfg, s.vocab, 0, 0, [str(s.init_dir)]) | {"reference": str(ref_dir)}
     d = cfg.dpo
-    trainer = Trainer(cfg, DPOTask(d.loss_type, d.beta, d.label_smoothing, d.rpo_alpha, live), s.vocab, out_dir, meta)
+    task = DPOTask(d.loss_type, d.beta, d.label_smoothing, d.rpo_alpha, live, packed=cfg.data.preference.packing)
+    trainer = Trainer(cfg, task, s.vocab, out_dir, meta)
     resumed = trainer.maybe_resume()
     if not resumed:
         trainer.init_weights_from(s.init_dir)

@@ -143,6 +143,9 @@ class PreferenceData(Section):
     chat_template: str = "auto"  # auto | builtin | tokenizer | a .jinja path | a Jinja string
     truncation: Literal["truncate", "truncate_left", "drop", "error"] = "truncate_left"
     allow_skip: bool = False
+    # dpo: several pairs per row of 2 * seq_length, no padding, and (local attention) one prompt per pair;
+    # then micro_batch_size and global_batch_size count rows (megaflow/data/pair_packing.py)
+    packing: bool = False
     valid: list[str] = Field(default_factory=list)  # held-out files; else valid_fraction of the training data
     valid_fraction: float = Field(0.0, ge=0, lt=1)
 

@@ -7,6 +7,7 @@ choice is kept inside this file so that a later switch touches nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -168,6 +169,33 @@ class ScalarHead(torch.nn.Module):
 
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         return torch.matmul(hidden_states, self.weight.t()), None
+
+
+@contextlib.contextmanager
+def rotary_positions(model: torch.nn.Module, position_ids: torch.Tensor):
+    """RoPE at the given positions [b, s] instead of 0..s-1 for the forwards inside the block.
+
+    megatron's rotary embedding takes a length and rotates row position t by t, which is right wherever
+    only distances within a contiguous segment matter (packed SFT rows); a row whose tokens must sit at
+    other positions (a shared prompt followed by two branches, megaflow.data.pair_packing) needs each
+    token's own. The embedding's forward is swapped for one returning its rows at `position_ids`,
+    [s, b, 1, d], which megatron's (unfused) rotary application broadcasts per batch row."""
+    inner = unwrap(model)
+    rotary = getattr(inner, "rotary_pos_emb", None)
+    if rotary is None or inner.position_embedding_type != "rope":
+        yield
+        return
+    own = rotary.forward
+
+    def at_positions(max_seq_len, offset=0, packed_seq=False, cp_group=None):
+        emb = rotary.get_emb(int(position_ids.max()) + 1)[:, 0, 0, :]  # [positions, d]
+        return emb[position_ids].transpose(0, 1)[:, :, None, :]
+
+    rotary.forward = at_positions
+    try:
+        yield
+    finally:
+        rotary.forward = own
 
 
 HEADS = ("lm", "scalar")

@@ -32,7 +32,8 @@ from megaflow.training.optimizer import build_optimizer, build_scheduler
 
 class Task(Protocol):
     """Optional attributes: `rows_per_sample` (rows of a micro-batch per sample: 2 for preference pairs,
-    chosen and rejected; default 1) and `head` ("lm", default, or "scalar": megaflow.models.gpt)."""
+    chosen and rejected; default 1), `row_length_factor` (rows of this many times data.seq_length: 2 for
+    packed pairs; default 1) and `head` ("lm", default, or "scalar": megaflow.models.gpt)."""
 
     loss_names: tuple[str, ...]  # keys of the loss dict; the first is the loss that is optimised
 
@@ -92,6 +93,7 @@ def forward_backward(model, task: Task, data_iterators, n_micro: int, seq: int, 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mbs *= getattr(task, "rows_per_sample", 1)
+    seq *= getattr(task, "row_length_factor", 1)
     return get_forward_backward_func()(
         forward_step_func=task.forward_step,
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
@@ -201,8 +203,9 @@ class Trainer:
         self.metrics = MetricsWriter(stage_dir if self.is_writer else None, cfg.run.tensorboard)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         rows = cfg.train.global_batch_size * getattr(task, "rows_per_sample", 1)
-        self.tokens_per_step = rows * cfg.data.seq_length
-        self.flops_per_step = gpt.flops_per_step(cfg.model, vocab_size, rows, cfg.data.seq_length)
+        row_length = cfg.data.seq_length * getattr(task, "row_length_factor", 1)
+        self.tokens_per_step = rows * row_length  # positions, padding included
+        self.flops_per_step = gpt.flops_per_step(cfg.model, vocab_size, rows, row_length)
         self.peak = peak_flops() * world
         self.layout = actual_layout(cfg)
         self.bad_steps = 0  # consecutive non-finite steps

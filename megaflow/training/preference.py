@@ -7,6 +7,7 @@ engine counts `rows_per_sample = 2` rows per sample for throughput and pipeline 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,24 +86,102 @@ def start(cfg: StageConfig) -> Start:
     return Start(init_dir, base_tokenizer, prepared, train, held_out, vocab)
 
 
-def batch_iterators(cfg: StageConfig, n_chunks: int, dataset: preference.PreferenceDataset, consumed: int = 0,
-                    shuffle: bool = True) -> list[preference.PreferenceBatchIterator]:
-    """One iterator per model chunk over this data-parallel rank's micro-batches of pairs."""
+def batch_iterators(cfg: StageConfig, n_chunks: int, dataset, consumed: int = 0, shuffle: bool = True) -> list:
+    """One iterator per model chunk over this data-parallel rank's micro-batches: of pairs (a
+    PreferenceDataset: [2m, seq] rows) or of packed rows (a PackedPreferenceDataset: [m, 2 seq])."""
+    from megaflow.data.pair_packing import PackedPreferenceDataset
+    from megaflow.data.sft import SFTBatchIterator
     from megaflow.training.engine import data_parallel_rank_and_size
 
     dp_rank, dp_size = data_parallel_rank_and_size()
-    return [preference.PreferenceBatchIterator(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed,
-                                               cfg.train.seed, shuffle) for _ in range(n_chunks)]
+    kind = SFTBatchIterator if isinstance(dataset, PackedPreferenceDataset) else preference.PreferenceBatchIterator
+    return [kind(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, cfg.train.seed, shuffle)
+            for _ in range(n_chunks)]
 
 
 def batch_on_device(data_iterator) -> dict[str, torch.Tensor]:
-    """The next micro-batch of pairs on this rank's device, with `position_ids` (0..L-1 within each row)
-    and `attention_mask` (the local spec's causal mask; None with TE). Rows are right-padded, so causal
-    attention never lets a real token see padding."""
+    """The next micro-batch of pairs on this rank's device, with `position_ids` and the attention.
+
+    Unpacked rows are right-padded, so causal attention never lets a real token see padding: the local
+    spec's causal mask, none with TE. Packed rows (megaflow.data.pair_packing) get `pair_mask` with the
+    local spec, and TE's packed (THD) attention over one segment per sequence otherwise, as
+    `packed_seq_params`, with every [b, s] tensor flattened to [1, b*s]."""
+    from megaflow.data import pair_packing
+    from megaflow.data.packing import packed_seq_params, to_thd
+    from megaflow.models import gpt
+
     batch = {k: v.to(dist.device(), non_blocking=True) for k, v in next(data_iterator).items()}
-    mask = causal_mask(batch["tokens"].shape[1])
-    batch["attention_mask"] = mask.to(dist.device()) if mask is not None else None
+    batch["packed_seq_params"] = None
+    if "branch_ids" not in batch:
+        mask = causal_mask(batch["tokens"].shape[1])
+        batch["attention_mask"] = mask.to(dist.device()) if mask is not None else None
+    elif gpt.use_transformer_engine():
+        rows = {k: batch[k] for k in ("tokens", "labels", "position_ids")}
+        rows["segment_ids"] = pair_packing.thd_segments(batch["segment_ids"], batch["branch_ids"])
+        flat = to_thd(rows)
+        batch |= {k: flat[k] for k in ("tokens", "labels", "position_ids")}
+        batch["packed_seq_params"] = packed_seq_params(flat["segment_ids"])
+        batch["attention_mask"] = None
+    else:
+        batch["attention_mask"] = pair_packing.pair_mask(batch["segment_ids"], batch["branch_ids"])
     return batch
+
+
+def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token cross-entropy [b, s] of a micro-batch of pairs (either layout). Rows with shared prompts
+    put each branch at its own positions (RoPE too: megaflow.models.gpt.rotary_positions)."""
+    from megaflow.models import gpt
+
+    shared = "branch_ids" in batch and batch["packed_seq_params"] is None
+    with gpt.rotary_positions(model, batch["position_ids"]) if shared else contextlib.nullcontext():
+        ce = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                   packed_seq_params=batch["packed_seq_params"])
+    return ce.reshape(batch["loss_mask"].shape)
+
+
+@dataclass
+class PairLogps:
+    """Summed response log-probs of the pairs of a micro-batch, their response lengths, their dataset
+    indices (packed layout; None unpacked) and the chosen responses' per-token mask."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    index: torch.Tensor | None
+    chosen_token_mask: torch.Tensor
+
+
+def pair_logps(batch: dict[str, torch.Tensor], token_logps: torch.Tensor) -> PairLogps:
+    """Per-pair sums of `token_logps` [b, s] over each response's masked tokens, for either layout:
+    unpacked ([2m, s] rows, chosen first) or packed (scatter-add by `seq_index`)."""
+    from megaflow.data.pair_packing import sequence_sums
+    from megaflow.data.preference import split_chosen_rejected
+    from megaflow.training.losses import sequence_logps
+
+    mask = batch["loss_mask"].float()
+    if "seq_index" not in batch:
+        chosen, rejected = split_chosen_rejected(sequence_logps(token_logps, mask))
+        len_c, len_r = split_chosen_rejected(mask.sum(-1))
+        chosen_rows = torch.zeros_like(mask)
+        chosen_rows[: mask.shape[0] // 2] = 1
+        return PairLogps(chosen, rejected, len_c, len_r, None, mask * chosen_rows)
+    slots = batch["pair_index"].shape[1]
+    sums = sequence_sums(token_logps.float() * mask, batch["seq_index"], slots).reshape(-1, 2)
+    lengths = sequence_sums(mask, batch["seq_index"], slots).reshape(-1, 2)
+    index = batch["pair_index"].reshape(-1)
+    valid = index >= 0
+    return PairLogps(sums[valid, 0], sums[valid, 1], lengths[valid, 0], lengths[valid, 1], index[valid],
+                     mask * (batch["branch_ids"] == 1))
+
+
+def per_pair(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A per-pair batch entry (`ref_logps` [m, 2] or `margin` [m]) in pair_logps' order."""
+    value = batch[key]
+    if "seq_index" not in batch:
+        return torch.stack(list(value.reshape(2, -1)), 1) if key == "ref_logps" else value
+    valid = batch["pair_index"].reshape(-1) >= 0
+    return value.reshape(valid.shape[0], *value.shape[2:])[valid]
 
 
 def report(mean: torch.Tensor, count: int | float) -> torch.Tensor:

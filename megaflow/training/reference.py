@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from megaflow.config import StageConfig
-from megaflow.data.preference import PreferenceBatchIterator, PreferenceDataset, PreferenceSample, split_chosen_rejected
+from megaflow.data.pair_packing import PackedPreferenceDataset
+from megaflow.data.preference import PreferenceDataset, PreferenceSample
 from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, preference
 from megaflow.training.engine import data_parallel_rank_and_size, forward_backward
-from megaflow.training.losses import sequence_logps
 
 
 class ReferenceModel:
@@ -42,30 +42,29 @@ class ReferenceModel:
     @torch.no_grad()
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-token log-probs [rows, seq] of a micro-batch (one pipeline stage only: live reference)."""
-        ce = self.chunks[0](batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-        return -ce
+        return -preference.forward(self.chunks[0], batch)
 
 
 class _RecordingTask:
     """Forward-only: summed response log-probs of each pair, recorded with the pair's index."""
 
-    rows_per_sample = 2
     loss_names = ("logps",)
 
-    def __init__(self):
+    def __init__(self, packed: bool = False):
         self.recorded: list[torch.Tensor] = []
+        self.rows_per_sample, self.row_length_factor = (1, 2) if packed else (2, 1)
 
     def forward_step(self, data_iterator, model):
         batch = preference.batch_on_device(data_iterator)
-        ce = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-        return ce, functools.partial(self.loss_func, batch)
+        return preference.forward(model, batch), functools.partial(self.loss_func, batch)
 
     def loss_func(self, batch: dict, ce: torch.Tensor):
-        chosen, rejected = split_chosen_rejected(sequence_logps(-ce, batch["loss_mask"]))
-        self.recorded.append(torch.stack([batch["index"].double(), chosen.double(), rejected.double()], 1).cpu())
-        m = len(chosen)
+        pairs = preference.pair_logps(batch, -ce)
+        index = pairs.index if pairs.index is not None else batch["index"]
+        self.recorded.append(torch.stack([index.double(), pairs.chosen.double(), pairs.rejected.double()], 1).cpu())
+        m = len(pairs.chosen)
         count = torch.tensor(m, dtype=torch.int, device=ce.device)
-        return chosen.sum(), count, {"logps": preference.report(chosen.mean(), m)}
+        return pairs.chosen.sum(), count, {"logps": preference.report(pairs.chosen.mean(), m)}
 
 
 def cache_key(ckpt: str | Path, samples: list[PreferenceSample], seq_length: int, precision: str) -> str:
@@ -84,15 +83,15 @@ def cache_key(ckpt: str | Path, samples: list[PreferenceSample], seq_length: int
     return h.hexdigest()[:24]
 
 
-def compute_logps(cfg: StageConfig, model: ReferenceModel, dataset: PreferenceDataset) -> np.ndarray:
+def compute_logps(cfg: StageConfig, model: ReferenceModel, dataset: PreferenceDataset | PackedPreferenceDataset) -> np.ndarray:
     """[n, 2] summed response log-probs (chosen, rejected) of every pair, on every rank. Each
     data-parallel replica computes its share of the micro-batches (through megatron's forward-only
     schedule, so any TP/PP layout works); the shares are gathered."""
     mbs = cfg.train.micro_batch_size
-    dp_rank, dp_size = data_parallel_rank_and_size()
+    _, dp_size = data_parallel_rank_and_size()
     n_micro = -(-len(dataset) // (mbs * dp_size))
-    task = _RecordingTask()
-    iterators = [PreferenceBatchIterator(dataset, mbs, dp_rank, dp_size, 0, shuffle=False) for _ in model.chunks]
+    task = _RecordingTask(packed=isinstance(dataset, PackedPreferenceDataset))
+    iterators = preference.batch_iterators(cfg, len(model.chunks), dataset, shuffle=False)
     with torch.no_grad():
         forward_backward(model.chunks, task, iterators, n_micro, cfg.data.seq_length, mbs, forward_only=True)
     mine = torch.cat(task.recorded) if task.recorded else torch.zeros(0, 3, dtype=torch.float64)
@@ -100,11 +99,22 @@ def compute_logps(cfg: StageConfig, model: ReferenceModel, dataset: PreferenceDa
         everyone = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everyone, mine)
         mine = torch.cat(everyone)
-    out = np.full((len(dataset), 2), np.nan)
+    out = np.full((len(dataset.samples), 2), np.nan)
     out[mine[:, 0].long().numpy()] = mine[:, 1:].numpy()  # a pair computed twice (wrap-around) has equal values
     if np.isnan(out).any():
         raise RuntimeError(f"reference log-probs: {int(np.isnan(out).any(1).sum())} pairs were not computed")
     return out
+
+
+def pair_dataset(cfg: StageConfig, samples: list[PreferenceSample], pad_id: int, reference: np.ndarray | None = None):
+    """The stage's dataset of pairs: packed rows when `data.preference.packing` (sharing each pair's prompt
+    with megatron's local attention), else two padded rows per pair."""
+    from megaflow.models.gpt import use_transformer_engine
+
+    if cfg.data.preference.packing:
+        return PackedPreferenceDataset(samples, cfg.data.seq_length, pad_id, share=not use_transformer_engine(),
+                                       reference=reference)
+    return PreferenceDataset(samples, cfg.data.seq_length, pad_id, reference)
 
 
 def cached_logps(cfg: StageConfig, vocab_size: int, ckpt: str | Path, samples: list[PreferenceSample],
@@ -115,7 +125,7 @@ def cached_logps(cfg: StageConfig, vocab_size: int, ckpt: str | Path, samples: l
     if path.is_file():
         return np.load(path), path, False
     model = ReferenceModel(cfg, vocab_size, ckpt)
-    logps = compute_logps(cfg, model, PreferenceDataset(samples, cfg.data.seq_length, pad_id))
+    logps = compute_logps(cfg, model, pair_dataset(cfg, samples, pad_id))
     del model
     if dist.is_rank0():
         cache_dir.mkdir(parents=True, exist_ok=True)
