@@ -20,6 +20,9 @@ prompt + response through the same template). Response tokens differ by one per 
 is everything the template adds after the generation prompt, so also the newline after <|end_of_turn|>;
 megaflow's response mask ends at <|end_of_turn|> (tests/convert/test_dpo_vs_trl.py checks both token for
 token and the losses on equal masks to 1e-4).
+megaflow also runs packed (`data.preference.packing`: pairs in rows of 2 x --seq, each prompt stored once
+for both responses with the local attention; megaflow/data/pair_packing.py): the same pairs in all, as many
+rows per step as cover them in the run's steps, so its steps are fewer pairs' worth apart; compare pairs/s.
 Each side runs its own loop (Trainer.train / DPOTrainer.train) for --warmup + --steps steps in a process of
 its own, interleaved over --repeats rounds (medians); a step is timed from the end of the one before.
 

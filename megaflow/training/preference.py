@@ -128,7 +128,8 @@ def batch_on_device(data_iterator) -> dict[str, torch.Tensor]:
 
 
 def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token cross-entropy [b, s] of a micro-batch of pairs (either layout). Rows with shared prompts
+    """Per-token cross-entropy [b, s] of a micro-batch of pairs (either layout; on pipeline stages before
+    the last, the hidden states to send on). Rows with shared prompts
     put each branch at its own positions (RoPE too: megaflow.models.gpt.rotary_positions)."""
     from megaflow.models import gpt
 
@@ -136,7 +137,7 @@ def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with gpt.rotary_positions(model, batch["position_ids"]) if shared else contextlib.nullcontext():
         ce = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
                    packed_seq_params=batch["packed_seq_params"])
-    return ce.reshape(batch["loss_mask"].shape)
+    return ce.reshape(batch["loss_mask"].shape) if ce.dim() == 2 else ce  # hidden states before the last stage
 
 
 @dataclass

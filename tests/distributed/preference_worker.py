@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layout_worker import LAYOUTS, SEQ, STEPS, VOCAB, layout_facts, stage_config  # noqa: E402
+from layout_worker import LAYOUTS, STEPS, VOCAB, layout_facts, stage_config  # noqa: E402
 
 PAIRS = 64
 
@@ -46,43 +46,34 @@ def run(task_name: str, layout: str, parallel: dict, out: Path, reference: bool 
 
     from megaflow.algorithms.dpo import DPOTask
     from megaflow.algorithms.rm import RewardTask
-    from megaflow.data.preference import PreferenceBatchIterator, PreferenceDataset
     from megaflow.runtime import distributed as dist
-    from megaflow.training import checkpoint
+    from megaflow.training import checkpoint, preference
     from megaflow.training import reference as ref
-    from megaflow.training.engine import Trainer, data_parallel_rank_and_size
+    from megaflow.training.engine import Trainer
 
     cfg = stage_config(parallel)
-    cfg.stage = task_name
+    cfg.stage = task_name.split("-")[0]
+    cfg.data.preference.packing = packed = task_name == "dpo-packed"
     cfg.check_layout(dist.read_env().world_size)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     p = cfg.parallel
     dist.setup(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed)
-    weights = out / f"weights-{task_name}"
+    weights = out / f"weights-{cfg.stage}"  # dpo-packed starts from dpo's
     samples = make_pairs()
-    result = {}
-    ref_logps = None
-    if task_name == "dpo":
-        task = DPOTask(beta=0.5)
-        if not reference:  # the reference pass in this layout, from the weights the one-process run saved
-            ref_logps = ref.compute_logps(cfg, ref.ReferenceModel(cfg, VOCAB, weights),
-                                          PreferenceDataset(samples, SEQ, 0))
-            result["ref_logps"] = ref_logps.tolist()
-    else:
-        task = RewardTask(use_margin=True, center_coef=0.01)
+    result, ref_logps = {}, None
+    task = DPOTask(beta=0.5, packed=packed) if cfg.stage == "dpo" else RewardTask(use_margin=True, center_coef=0.01)
     trainer = Trainer(cfg, task, VOCAB, out / f"{task_name}-{layout}")
-    if reference:
+    if reference and not packed:
         meta = {"model": cfg.model.model_dump(mode="json")} | ({"head": "scalar"} if task_name == "rm" else {})
         checkpoint.save_final(weights, trainer.model, meta)
-        if task_name == "dpo":
-            ref_logps = ref.compute_logps(cfg, ref.ReferenceModel(cfg, VOCAB, weights), PreferenceDataset(samples, SEQ, 0))
-            result["ref_logps"] = ref_logps.tolist()
     else:
         trainer.init_weights_from(weights)
-    dataset = PreferenceDataset(samples, SEQ, 0, ref_logps)
-    dp_rank, dp_size = data_parallel_rank_and_size()
-    iterators = [PreferenceBatchIterator(dataset, cfg.train.micro_batch_size, dp_rank, dp_size) for _ in trainer.model]
+    if cfg.stage == "dpo":  # the reference pass in this layout, from the weights the one-process run saved
+        ref_logps = ref.compute_logps(cfg, ref.ReferenceModel(cfg, VOCAB, weights), ref.pair_dataset(cfg, samples, 0))
+        result["ref_logps"] = ref_logps.tolist()
+    dataset = ref.pair_dataset(cfg, samples, 0, ref_logps)
+    iterators = preference.batch_iterators(cfg, len(trainer.model), dataset)
     steps = [trainer.train_step(iterators) for _ in range(STEPS)]
     facts = [None] * torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
     if facts is not None:
@@ -102,7 +93,7 @@ def main() -> None:
     from megaflow.runtime import distributed as dist
 
     results = {}
-    for task_name in ("rm", "dpo"):
+    for task_name in ("rm", "dpo", "dpo-packed"):
         if args.reference:
             results[f"{task_name}/reference"] = run(task_name, "reference", {}, args.out, reference=True)
         for name in args.layouts:
