@@ -198,6 +198,28 @@ def rotary_positions(model: torch.nn.Module, position_ids: torch.Tensor):
         rotary.forward = own
 
 
+def loss_at_positions(loss_mask: torch.Tensor):
+    """A GPTModel `output_processor` that runs the output layer and the cross-entropy only where
+    `loss_mask` ([b, s]) is set and returns the per-token loss [b, s], zero elsewhere.
+
+    Where few positions carry loss (a preference pair's responses after a long prompt) the logits of the
+    others, a [positions, vocab] matmul and softmax each, are pure waste. The loss at the selected
+    positions is megatron's own (`compute_language_model_loss`, vocab-parallel under TP). Not with
+    sequence parallelism, where each TP rank holds a slice of the sequence: callers check
+    `sequence_parallel` first."""
+    keep = loss_mask.reshape(-1) > 0
+
+    def process(*, hidden_states, output_layer, output_weight, labels, compute_language_model_loss, **_):
+        b, s = loss_mask.shape
+        flat = hidden_states.transpose(0, 1).reshape(b * s, 1, -1)  # [s, b, h] -> [b*s, 1, h]
+        logits, _ = output_layer(flat[keep], weight=output_weight)
+        ce = compute_language_model_loss(labels.reshape(1, -1)[:, keep], logits)  # [1, n]
+        out = torch.zeros(b * s, dtype=ce.dtype, device=ce.device)
+        return out.masked_scatter(keep, ce.reshape(-1)).reshape(b, s)
+
+    return process
+
+
 HEADS = ("lm", "scalar")
 
 

@@ -134,9 +134,12 @@ def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     from megaflow.models import gpt
 
     shared = "branch_ids" in batch and batch["packed_seq_params"] is None
+    kwargs = {}
+    if batch["packed_seq_params"] is None and not gpt.unwrap(model).config.sequence_parallel:
+        kwargs["output_processor"] = gpt.loss_at_positions(batch["loss_mask"])  # logits of response tokens only
     with gpt.rotary_positions(model, batch["position_ids"]) if shared else contextlib.nullcontext():
         ce = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
-                   packed_seq_params=batch["packed_seq_params"])
+                   packed_seq_params=batch["packed_seq_params"], **kwargs)
     return ce.reshape(batch["loss_mask"].shape) if ce.dim() == 2 else ce  # hidden states before the last stage
 
 
