@@ -1,7 +1,8 @@
 """Stage 3b: direct preference optimisation (DPO, IPO, conservative DPO, RPO) from the SFT model.
 
 What is specific to DPO: the policy's summed response log-probs of chosen and rejected responses (one
-[2m, seq] forward per micro-batch, chosen rows first), the reference's (cached on disk before training,
+forward per micro-batch: [2m, seq] rows, chosen first, or with `data.preference.packing` rows of several
+pairs sharing their prompts, megaflow/data/pair_packing.py), the reference's (cached on disk before training,
 or a live frozen model when `dpo.reference: live`), and the loss of megaflow.training.losses.dpo_loss /
 rpo_loss. Every metric is TRL's: implicit rewards beta * log(pi / pi_ref) of chosen and rejected, their
 margin and accuracy, the policy's log-probs, and kl/chosen, the mean per-token log-ratio of policy to

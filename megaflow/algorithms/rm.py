@@ -19,6 +19,7 @@ import torch
 
 from megaflow.config import StageConfig
 from megaflow.data.preference import PreferenceDataset, split_chosen_rejected
+from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.training import preference, stage
 from megaflow.training.engine import Trainer
@@ -60,6 +61,9 @@ def main(cfg: StageConfig) -> dict:
     """`megaflow train rm`: pairs, model from the SFT checkpoint with a fresh scalar head, loop, held-out
     accuracy, margin and reward distribution, final checkpoint."""
     t_start = time.time()
+    if cfg.data.preference.packing:
+        raise UserError("data.preference.packing: the rm stage reads one reward per sequence from unpacked rows; "
+                        "packing is for dpo")
     s = preference.start(cfg)
     t = cfg.train
     pad = s.prepared.tokenizer.pad_id

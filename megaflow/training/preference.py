@@ -1,8 +1,10 @@
 """What the preference stages (reward model, DPO) share: their inputs, the start from an SFT checkpoint,
 the preference data with its held-out split, and micro-batches of (chosen, rejected) rows.
 
-A micro-batch of m pairs is one [2m, seq] forward, chosen rows first (megaflow.data.preference); the
-engine counts `rows_per_sample = 2` rows per sample for throughput and pipeline shapes.
+A micro-batch of m pairs is one [2m, seq] forward, chosen rows first (megaflow.data.preference; the
+engine counts `rows_per_sample = 2` rows per sample for throughput and pipeline shapes), or, packed
+(DPO with `data.preference.packing`), m rows of 2 * seq holding several pairs each
+(megaflow.data.pair_packing; `row_length_factor = 2`).
 """
 
 from __future__ import annotations
