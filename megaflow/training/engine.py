@@ -89,7 +89,8 @@ def _reduce_losses(losses: list[dict], names: tuple[str, ...]) -> dict[str, floa
 
 def forward_backward(model, task: Task, data_iterators, n_micro: int, seq: int, mbs: int, forward_only: bool):
     """megatron's schedule (no pipelining, 1F1B or interleaved, as parallel_state says) over one batch;
-    `mbs` counts samples (a pipeline sends activations of mbs * rows_per_sample rows)."""
+    `mbs` counts samples and `seq` is data.seq_length: a pipeline sends activations of
+    mbs * rows_per_sample rows of seq * row_length_factor positions."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mbs *= getattr(task, "rows_per_sample", 1)
