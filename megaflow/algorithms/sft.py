@@ -40,7 +40,10 @@ class SFTTask(LanguageModelTask):
 
     def forward_step(self, data_iterator, model):
         tokens, labels, loss_mask, attention_mask, position_ids, packed = self.get_batch(data_iterator)
-        output = model(tokens, position_ids, attention_mask, labels=labels, packed_seq_params=packed)
+        kwargs = {}
+        if packed is None and not gpt.unwrap(model).config.sequence_parallel:  # logits of the assistant's tokens only
+            kwargs["output_processor"] = gpt.loss_at_positions(loss_mask)
+        output = model(tokens, position_ids, attention_mask, labels=labels, packed_seq_params=packed, **kwargs)
         return output, functools.partial(self.loss_func, loss_mask)
 
 

@@ -208,6 +208,9 @@ def loss_at_positions(loss_mask: torch.Tensor):
     sequence parallelism, where each TP rank holds a slice of the sequence: callers check
     `sequence_parallel` first."""
     keep = loss_mask.reshape(-1) > 0
+    if not keep.any():  # nothing to score: one position keeps the shapes (its loss is masked out anyway)
+        keep = keep.clone()
+        keep[0] = True
 
     def process(*, hidden_states, output_layer, output_weight, labels, compute_language_model_loss, **_):
         b, s = loss_mask.shape
