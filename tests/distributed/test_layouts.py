@@ -39,20 +39,21 @@ EXPECTED = {
 }
 
 
-def _launch(out, nproc: int | None, *args: str) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+def launch(out, nproc: int | None, *args: str, worker=WORKER, env: dict | None = None, timeout: int = 600) -> None:
+    """Run a worker script in one process (nproc None) or under torchrun with nproc ranks."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO), **(env or {})}
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    proc = subprocess.run([sys.executable, *launcher, str(WORKER), "--out", str(out), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *launcher, str(worker), "--out", str(out), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("layouts")
-    _launch(out, None, "--reference", "--layouts", *ONE_RANK)
-    _launch(out, 2, "--layouts", *TWO_RANKS, "--cp-check")
-    _launch(out, 4, "--layouts", *FOUR_RANKS)
+    launch(out, None, "--reference", "--layouts", *ONE_RANK)
+    launch(out, 2, "--layouts", *TWO_RANKS, "--cp-check")
+    launch(out, 4, "--layouts", *FOUR_RANKS)
     merged = {}
     for name in ("reference", "world2", "world4"):
         merged |= json.loads((out / f"results-{name}.json").read_text())

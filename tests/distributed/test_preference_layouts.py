@@ -8,34 +8,25 @@ gather; PP2 the pipeline's [2m, seq] micro-batch shapes, and of packed pairs, [m
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.distributed.test_layouts import launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = REPO / "tests" / "distributed" / "preference_worker.py"
+ENV = {"OMP_NUM_THREADS": "1"}
 TWO_RANKS = ["tp2-sp", "pp2", "dp2"]  # the engine's other layouts are tests/distributed/test_layouts.py's
-
-
-def _launch(out, nproc: int | None, *args: str) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    proc = subprocess.run([sys.executable, *launcher, str(WORKER), "--out", str(out), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("preference-layouts")
-    _launch(out, None, "--reference")
-    _launch(out, 2, "--layouts", *TWO_RANKS)
+    launch(out, None, "--reference", worker=WORKER, env=ENV, timeout=900)
+    launch(out, 2, "--layouts", *TWO_RANKS, worker=WORKER, env=ENV, timeout=900)
     merged = {}
     for name in ("reference", "world2"):
         merged |= json.loads((out / f"results-{name}.json").read_text())
