@@ -74,7 +74,8 @@ def run_once(config: str, steps: int, every: int, async_save: bool, overrides: l
     publishes = [r["publish_s"] for r in rows if r.get("split") == "checkpoint" and "publish_s" in r]
     after = [train_steps[r["step"] + 1] for r in saves if r["step"] + 1 in train_steps]
     later = saves[1:] or saves  # the first save of a process also pays one-time setup (see first_stall_s)
-    return {"stall_s": statistics.median(r["stall_s"] for r in later), "first_stall_s": saves[0]["stall_s"],
+    parts = {k: _median([r.get(k) for r in later]) for k in ("state_dict_s", "save_s", "schedule_s")}
+    return {"stall_s": statistics.median(r["stall_s"] for r in later), "first_stall_s": saves[0]["stall_s"], **parts,
             "saves": len(saves), "stall_each_s": [r["stall_s"] for r in saves],
             "publish_s": statistics.median(publishes) if publishes else None,
             "step_s": statistics.median(train_steps.values()), "step_after_save_s": statistics.median(after) if after else None}
@@ -95,28 +96,35 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--modes", default="sync,async", help="which saves to measure (comma-separated: sync, async)")
     ap.add_argument("--resume-check", action="store_true",
                     help="afterwards, resume the async run from its second-to-last checkpoint and compare losses")
     ap.add_argument("--out", default=None, help="JSON results (default: bench-results/bench_checkpoint.json)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     a = ap.parse_args()
-    results = {"sync": [], "async": []}
+    modes = [m for m in ("sync", "async") if m in a.modes.split(",")]
+    if not modes or (a.resume_check and "async" not in modes):
+        sys.exit("bench_checkpoint: --modes must name sync and/or async (async with --resume-check)")
+    results = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(a.repeats):
-            for mode in ("sync", "async"):
+            for mode in modes:
                 keep = a.resume_check and mode == "async" and repeat == a.repeats - 1
                 results[mode].append(run_once(a.config, a.steps, a.every, mode == "async", a.overrides, Path(tmp), keep))
         if a.resume_check:
             results["resume"] = resume_check(a.config, a.steps, a.every, a.overrides, Path(tmp) / "run-async")
     resume = results.pop("resume", None)
-    scalars = ("first_stall_s", "stall_s", "publish_s", "step_s", "step_after_save_s")
+    scalars = ("first_stall_s", "stall_s", "state_dict_s", "save_s", "schedule_s", "publish_s", "step_s",
+               "step_after_save_s")
     table = {mode: {k: _median([r[k] for r in runs]) for k in scalars} for mode, runs in results.items()}
-    print(f"{'mode':6} {'first save (s)':>15} {'later saves (s)':>16} {'publish (s)':>12} {'median step (s)':>16} "
-          f"{'step after a save (s)':>22}")
+    print(f"{'mode':6} {'first save (s)':>15} {'later saves (s)':>16} {'of which: state dict':>21} {'save call':>10} "
+          f"{'schedule':>9} {'publish (s)':>12} {'median step (s)':>16} {'step after a save (s)':>22}")
     for mode, m in table.items():
-        print(f"{mode:6} {_fmt(m['first_stall_s'], 15)} {_fmt(m['stall_s'], 16)} {_fmt(m['publish_s'], 12)} {_fmt(m['step_s'], 16)} "
+        print(f"{mode:6} {_fmt(m['first_stall_s'], 15)} {_fmt(m['stall_s'], 16)} {_fmt(m['state_dict_s'], 21)} "
+              f"{_fmt(m['save_s'], 10)} {_fmt(m['schedule_s'], 9)} {_fmt(m['publish_s'], 12)} {_fmt(m['step_s'], 16)} "
               f"{_fmt(m['step_after_save_s'], 22)}")
-    print(f"async / sync stall: {table['async']['stall_s'] / table['sync']['stall_s']:.2f}")
+    if len(table) == 2:
+        print(f"async / sync stall: {table['async']['stall_s'] / table['sync']['stall_s']:.2f}")
     out = Path(a.out or os.environ.get("OUT", "bench-results")) / "bench_checkpoint.json" if not a.out else Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "median": table, "runs": results, "resume": resume}, indent=1) + "\n")

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def _ensure_results_queue() -> None:
+def prepare_saves() -> None:
     """dist_checkpointing's writer reports through a queue served by a spawned manager process; start that
-    manager ourselves, tied to this process's life, before megatron starts one that outlives a kill -9."""
+    manager ourselves, tied to this process's life, before megatron starts one that outlives a kill -9.
+    Trainers call it at start-up: it takes a second or two, which the first save would otherwise stall for."""
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
@@ -52,7 +54,7 @@ def _ensure_results_queue() -> None:
         manager = SyncManager(ctx=mp.get_context("spawn"))
         manager.start(_die_with_parent)
         filesystem_async._results_queue = manager.Queue()
-        _ensure_results_queue.manager = manager  # keep it alive as long as the process
+        prepare_saves.manager = manager  # keep it alive as long as the process
 
 
 def _rank() -> int:
@@ -112,14 +114,21 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def optimizer_format() -> str:
-    """The distributed optimizer's checkpoint format. `fully_reshardable` (a canonical per-parameter state
-    that loads into any TP/PP/DP layout) wherever megatron's own Adam runs; megatron's default format
-    fails to save on a GPU, and on a CPU (torch-Adam fallback) fully_reshardable cannot load, so the CPU
-    keeps `dp_reshardable` and reloads it only into the same layout (DESIGN §3)."""
+def optimizer_format(configured: str = "auto") -> str:
+    """The distributed optimizer's checkpoint format (`checkpoint.optimizer_format`). `auto` is
+    `fully_reshardable` (a canonical per-parameter state that loads into any TP/PP/DP layout) wherever
+    megatron's own Adam runs; megatron's default format fails to save on a GPU, and on a CPU (torch-Adam
+    fallback) fully_reshardable cannot load, so the CPU keeps `dp_reshardable` and reloads it only into
+    the same layout (DESIGN §3)."""
     from megaflow.runtime import cpu
 
-    return "dp_reshardable" if cpu.is_enabled() else "fully_reshardable"
+    on_cpu = cpu.is_enabled() or not torch.cuda.is_available()
+    if configured == "fully_reshardable" and on_cpu:
+        raise UserError("checkpoint.optimizer_format: fully_reshardable cannot be loaded on a CPU (megatron's "
+                        "torch-Adam fallback); use auto or dp_reshardable")
+    if configured != "auto":
+        return configured
+    return "dp_reshardable" if on_cpu else "fully_reshardable"
 
 
 def _training_state_dict(model_chunks, optimizer, scheduler, extra: dict, is_loading: bool,
@@ -160,7 +169,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, extra: dict, meta: dict,
-                    keep: int = 2, stage: str = "", async_queue=None) -> Path:
+                    keep: int = 2, stage: str = "", async_queue=None, timings: dict | None = None) -> Path:
     """Save a complete training checkpoint and point `latest` at it; keep the newest `keep`.
 
     Written into `iter_N.tmp`; rank 0 then adds megaflow.json and the manifest (sizes, CRC-32), renames
@@ -170,6 +179,11 @@ def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, schedul
     With an `async_queue` (megatron's AsyncCallsQueue) the tensors are staged in host memory here and
     written by a background process while training goes on; the rename and `latest` happen when the
     queue finalizes the save (`finalize_saves`), so an unfinished save is never loaded.
+
+    `timings`, when given, receives where the training loop's wait went: `state_dict_s` (building the
+    sharded state dict; the distributed optimizer's `fully_reshardable` gather happens here), `save_s`
+    (megatron's save call: the whole write, or validation and staging in host memory when asynchronous)
+    and `schedule_s` (starting the background writer).
     """
     from megatron.core import dist_checkpointing
 
@@ -181,8 +195,11 @@ def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, schedul
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state = _training_state_dict(model_chunks, optimizer, scheduler, {**extra, "step": step}, is_loading=False)
-    _ensure_results_queue()
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    state = _training_state_dict(model_chunks, optimizer, scheduler, {**extra, "step": step}, is_loading=False,
+                                 fmt=meta.get("optimizer_format"))
+    timings["state_dict_s"] = time.perf_counter() - t0
 
     def publish() -> None:
         if faults.armed("kill_in_save", stage, step):
@@ -191,14 +208,19 @@ def save_checkpoint(ckpt_root: Path, step: int, model_chunks, optimizer, schedul
             _publish(tmp, final, ckpt_root, meta, keep)
         _barrier()
 
+    t0 = time.perf_counter()
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
         _barrier()
+        timings["save_s"] = time.perf_counter() - t0
         publish()
     else:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
         request.finalize_fns.append(publish)  # after megatron's own (its .metadata file)
+        timings["save_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         async_queue.schedule_async_request(request)
+        timings["schedule_s"] = time.perf_counter() - t0
     return final
 
 
@@ -349,7 +371,7 @@ def save_final(final_dir: Path, model_chunks, meta: dict, tokenizer=None) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "weights").mkdir(parents=True)
     _barrier()
-    _ensure_results_queue()
+    prepare_saves()
     dist_checkpointing.save(model_sharded_state_dict(model_chunks, weights_only=True), str(tmp / "weights"))
     _barrier()
     if _rank() == 0:

@@ -212,6 +212,9 @@ class Trainer:
         self.bad_steps = 0  # consecutive non-finite steps
         self.skipped_total = 0
         self.stop_signal: str | None = None
+        self.optimizer_format = checkpoint.optimizer_format(cfg.checkpoint.optimizer_format)
+        if cfg.checkpoint.every:
+            checkpoint.prepare_saves()  # now, rather than as a stall of the first save
         self.async_saves = None
         if cfg.checkpoint.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -275,19 +278,19 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def save(self) -> Path:
+    def save(self, timings: dict | None = None) -> Path:
         extra = {"consumed_samples": self.state.consumed_samples, "tokens_seen": self.state.tokens_seen,
                  "skipped_total": self.skipped_total}
         if self.data_position is not None:
             extra["consumed_per_dataset"] = self.data_position(self.state.consumed_samples)
         meta = {**self.meta, "stage": self.cfg.stage, "step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "consumed_samples": self.state.consumed_samples, "parallel_at_save": self.layout,
-                "optimizer_format": checkpoint.optimizer_format(),
+                "optimizer_format": self.optimizer_format,
                 **({"consumed_per_dataset": extra["consumed_per_dataset"]} if "consumed_per_dataset" in extra else {})}
         with self.params_synced():
             return checkpoint.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
                                               self.scheduler, extra, meta, keep=self.cfg.checkpoint.keep,
-                                              stage=self.cfg.stage, async_queue=self.async_saves)
+                                              stage=self.cfg.stage, async_queue=self.async_saves, timings=timings)
 
     def init_weights_from(self, ckpt: str | Path) -> None:
         """Start from another checkpoint's weights (saved in any layout); the optimizer's main (fp32)
@@ -370,11 +373,11 @@ class Trainer:
             # the manifest's checksums and the rename run here, in the training process: a stall too
             self.metrics.log(step, {"publish_s": time.perf_counter() - t0}, prefix="checkpoint")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            t0 = time.perf_counter()
-            self.save()
+            t0, timings = time.perf_counter(), {}
+            self.save(timings)
             # how long training waited: the whole save, or only the staging of an asynchronous one
-            self.metrics.log(step, {"stall_s": time.perf_counter() - t0, "async": self.async_saves is not None},
-                             prefix="checkpoint")
+            self.metrics.log(step, {"stall_s": time.perf_counter() - t0, "async": self.async_saves is not None,
+                                    **timings}, prefix="checkpoint")
         if faults.armed("kill", cfg.stage, step):
             faults.kill_self()
         if faults.armed("sigterm", cfg.stage, step):

@@ -1,5 +1,6 @@
 """Checkpoints on GPUs (skipped without CUDA): the distributed optimizer's state saved in megatron's
-fully_reshardable format comes back exactly in the same layout, asynchronous saves resume exactly, and
+fully_reshardable format (and in dp_reshardable, `checkpoint.optimizer_format`) comes back exactly in the
+same layout, asynchronous saves resume exactly, and
 (two or more GPUs) the optimizer state reshards across data-parallel sizes."""
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ def _restart_from_step_4(workdir, source: str, target: str) -> None:
     (ckpts / "latest").write_text("iter_0000004\n")
 
 
-@pytest.mark.parametrize("async_save", [False, True])
-def test_distributed_optimizer_resumes_exactly(workdir, async_save):
-    source = f"runs/gpu-distopt-{async_save}"
-    _, original = _train(workdir, source, f"checkpoint.async_save={str(async_save).lower()}")
+@pytest.mark.parametrize("async_save, fmt", [(False, "auto"), (True, "auto"), (True, "dp_reshardable")])
+def test_distributed_optimizer_resumes_exactly(workdir, async_save, fmt):
+    source = f"runs/gpu-distopt-{async_save}-{fmt}"
+    options = [f"checkpoint.async_save={str(async_save).lower()}", f"checkpoint.optimizer_format={fmt}"]
+    _, original = _train(workdir, source, *options)
     meta = json.loads((workdir / source / "pretrain" / "checkpoints" / "iter_0000004" / "megaflow.json").read_text())
-    assert meta["optimizer_format"] == "fully_reshardable"
+    assert meta["optimizer_format"] == ("fully_reshardable" if fmt == "auto" else fmt)
     _restart_from_step_4(workdir, source, source + "-b")
-    proc, resumed = _train(workdir, source + "-b", f"checkpoint.async_save={str(async_save).lower()}")
+    proc, resumed = _train(workdir, source + "-b", *options)
     assert "at step 4" in proc.stdout and "optimizer starts fresh" not in proc.stdout
-    print(f"async={async_save}: steps 5-8 {[original[s] for s in range(5, 9)]} vs {[resumed[s] for s in range(5, 9)]}")
+    print(f"async={async_save} {fmt}: steps 5-8 {[original[s] for s in range(5, 9)]} vs {[resumed[s] for s in range(5, 9)]}")
     assert [resumed[s] for s in range(5, 9)] == [original[s] for s in range(5, 9)]
 
 
