@@ -38,7 +38,7 @@ def measure(tmp_path, micro_batch: int):
     cfg = load_config(None, ["model.preset=bench-1b", "precision=bf16", f"data.seq_length={SEQ}",
                              f"train.micro_batch_size={micro_batch}", f"train.global_batch_size={micro_batch}",
                              f"run.dir={tmp_path}", "run.tensorboard=false", "run.progress=false"])
-    estimate = plan.make_plan(cfg, seq_length=SEQ)
+    estimate = plan.make_plan(cfg)  # at data.seq_length
     x = torch.randint(0, cfg.model.vocab_size, (micro_batch, SEQ + 1), generator=torch.Generator().manual_seed(0))
     batch = {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": torch.ones(micro_batch, SEQ)}
     dist.setup(seed=cfg.train.seed)
