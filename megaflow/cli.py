@@ -181,10 +181,6 @@ def _cmd_train(args) -> int:
 
         print(dump_config(cfg), end="")
         return 0
-    if cfg.checkpoint.optimizer_format != "auto":
-        from megaflow.training.checkpoint import optimizer_format
-
-        optimizer_format(cfg.checkpoint.optimizer_format)  # refused on a CPU here, before anything is written
     if args.nproc_per_node and args.nproc_per_node > 1 and "RANK" not in os.environ:
         try:
             cfg.check_layout(args.nproc_per_node)  # one clear line here rather than one per rank

@@ -202,10 +202,9 @@ class CheckpointConfig(Section):
     resume: bool = True
     # write in a background process while training goes on (megatron's asynchronous dist-checkpointing)
     async_save: bool = False
-    # the distributed optimizer's state on disk: fully_reshardable loads into any TP/PP/DP layout but is
-    # gathered into per-parameter tensors at every save (the 1B shape's async stall); dp_reshardable is
-    # each rank's own shard (a fast save) and loads into the same layout only. auto: fully_reshardable on
-    # a GPU, dp_reshardable on a CPU (where megatron cannot load the other)
+    # the distributed optimizer's state on disk: fully_reshardable (auto) loads into any TP/PP/DP layout
+    # but is gathered into per-parameter tensors at every save (the 1B shape's async stall);
+    # dp_reshardable is each rank's own shard (a fast save) and loads into the same layout only
     optimizer_format: Literal["auto", "fully_reshardable", "dp_reshardable"] = "auto"
 
 

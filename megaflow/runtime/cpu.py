@@ -216,6 +216,27 @@ def _patch_megatron() -> None:
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     # Activation recomputation saves and restores "CUDA" RNG states around the recomputed forward.
     mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    _patch_fully_reshardable_load()
+
+
+def _patch_fully_reshardable_load() -> None:
+    """Without apex/TE megatron's distributed optimizer runs torch's Adam, whose per-parameter state holds
+    a `step` tensor. Loading the `fully_reshardable` format skips `step` (not in the checkpoint) but then
+    copies every tensor of the live state, `step` included: a KeyError. Hand it the live `step` (a no-op
+    copy); megaflow restores each parameter's step count after loading (training/checkpoint.py)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" not in tensors and isinstance(state.get("step"), torch.Tensor):
+            tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
 def enable() -> bool:

@@ -116,27 +116,19 @@ def _restore_rng(state: dict) -> None:
 
 def optimizer_format(configured: str = "auto") -> str:
     """The distributed optimizer's checkpoint format (`checkpoint.optimizer_format`). `auto` is
-    `fully_reshardable` (a canonical per-parameter state that loads into any TP/PP/DP layout) wherever
-    megatron's own Adam runs; megatron's default format fails to save on a GPU, and on a CPU (torch-Adam
-    fallback) fully_reshardable cannot load, so the CPU keeps `dp_reshardable` and reloads it only into
-    the same layout (DESIGN §3)."""
-    from megaflow.runtime import cpu
-
-    on_cpu = cpu.is_enabled() or not torch.cuda.is_available()
-    if configured == "fully_reshardable" and on_cpu:
-        raise UserError("checkpoint.optimizer_format: fully_reshardable cannot be loaded on a CPU (megatron's "
-                        "torch-Adam fallback); use auto or dp_reshardable")
-    if configured != "auto":
-        return configured
-    return "dp_reshardable" if on_cpu else "fully_reshardable"
+    `fully_reshardable`: a canonical per-parameter state that loads into any TP/PP/DP layout (megatron's
+    default, `fully_sharded_model_space`, fails to save on a GPU). `dp_reshardable`, each rank's own
+    shard, saves without gathering but loads only into the same layout."""
+    return "fully_reshardable" if configured == "auto" else configured
 
 
 def _training_state_dict(model_chunks, optimizer, scheduler, extra: dict, is_loading: bool,
-                         fmt: str | None = None) -> dict:
+                         fmt: str | None = None, with_optimizer: bool = True) -> dict:
     model_sd = model_sharded_state_dict(model_chunks)
     state = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(
-        model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": fmt or optimizer_format()})
+    if with_optimizer:  # not when loading into an optimizer that starts fresh (its empty state has no steps)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": fmt or optimizer_format()})
     state["scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_sharded_object()
     state["extra"] = extra
@@ -278,8 +270,8 @@ def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler, layout: 
 
     Model weights reshard across any TP/PP/DP layout. RNG states are per (PP, TP) rank and restored only
     when those sizes are unchanged. The plain optimizer's state reshards with the model; the distributed
-    optimizer's too when it was saved fully_reshardable (GPU), else only into the same layout; otherwise
-    the optimizer starts fresh (with a warning).
+    optimizer's too when it was saved fully_reshardable, and a dp_reshardable one only into the same
+    layout; otherwise the optimizer starts fresh (with a warning).
     """
     from megatron.core import dist_checkpointing
 
@@ -292,14 +284,14 @@ def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler, layout: 
     safe_pickle.install()
     if keep_optimizer:
         _init_empty_adam_state(optimizer)
-    state = _training_state_dict(model_chunks, optimizer, scheduler, {}, is_loading=True, fmt=fmt)
+    state = _training_state_dict(model_chunks, optimizer, scheduler, {}, is_loading=True, fmt=fmt,
+                                 with_optimizer=keep_optimizer)
     if not same_rng_layout:
         del state["rng_state"]
         warn(f"warning: parallel layout changed ({_layout_str(saved)} -> {_layout_str(layout)}): RNG states not restored")
     if not keep_optimizer:
-        del state["optimizer"]
-        warn("warning: the optimizer state was saved for another optimizer layout (distributed optimizer or DP size): "
-             "the optimizer starts fresh")
+        warn("warning: the optimizer state was saved for another optimizer (plain vs distributed) or, in "
+             f"{fmt}, for another layout: the optimizer starts fresh")
     loaded = dist_checkpointing.load(state, str(ckpt_dir))
     _load_model_state(model_chunks, loaded)
     if keep_optimizer:
