@@ -78,7 +78,13 @@ else
 fi
 start=$SECONDS
 rm -f "$STAMP"
-pip_args=(install -e ".[test]" --disable-pip-version-check --progress-bar off)
+# torch's CUDA build needs about 6 GB in .venv; a full disk otherwise surfaces as pip's Errno 28 midway.
+free_kb=$(df -Pk "$VENV" 2>/dev/null | awk 'NR == 2 {print $4}')
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((8 * 1024 * 1024)) ]; then
+    say "warning: only $((free_kb / 1024)) MiB free under $VENV; the install needs about 8 GiB"
+fi
+# --no-cache-dir: a second copy of the torch wheel in pip's cache would only cost disk.
+pip_args=(install -e ".[test]" --disable-pip-version-check --progress-bar off --no-cache-dir)
 if [ -n "${SETUP_VERBOSE:-}" ]; then
     "$VENV/bin/python" -m pip "${pip_args[@]}" || die "pip install failed"
 else
