@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Iterable, Sequence
@@ -47,8 +46,9 @@ import numpy as np
 import torch
 
 from megaflow.data.chat import ChatTemplate, _common_prefix
-from megaflow.data.readers import _LONE_SURROGATE, iter_records
-from megaflow.data.sft import EXAMPLES_KEPT, InvalidRecord, RecordOptions, SFTBatchIterator, _messages
+from megaflow.data.readers import _LONE_SURROGATE
+from megaflow.data.records import DataSummary, InvalidRecord, Prepared, RecordOptions, load_valid, prepare_with
+from megaflow.data.sft import SFTBatchIterator, _messages
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError
 
@@ -97,43 +97,19 @@ class PreferenceSample:
 
 
 @dataclass
-class PreferenceDataSummary:
-    """What reading and preparing the data found; `lines()` is what a stage logs, `as_dict()` what it stores."""
+class PreferenceDataSummary(DataSummary):
+    """`samples` counts pairs, `tokens` both sides' tokens."""
 
-    records: int = 0
     pairs: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-    examples: list[str] = field(default_factory=list)  # the first few "FILE:LINE: reason"
-    truncated: int = 0  # pairs with at least one sequence truncated
-    dropped_too_long: int = 0
-    boundary_merges: int = 0
-    samples: int = 0
-    tokens: int = 0  # chosen + rejected
     chosen_response_tokens: int = 0
     rejected_response_tokens: int = 0
-    longest: int = 0
 
-    def skip(self, where: str, reason: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples) < EXAMPLES_KEPT:
-            self.examples.append(f"{where}: {detail}")
+    unit = "pairs"
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"skipped": dict(self.skipped)}
-
-    def lines(self) -> list[str]:
-        out = [f"preference data: {self.records} records, {self.samples} pairs, {self.tokens} tokens "
-               f"({self.chosen_response_tokens} chosen / {self.rejected_response_tokens} rejected response "
-               f"tokens), longest {self.longest}"]
-        if self.skipped:
-            out.append(f"  skipped {sum(self.skipped.values())}: " +
-                       ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()))
-            out += [f"    {e}" for e in self.examples]
-        if self.truncated or self.dropped_too_long:
-            out.append(f"  over-long pairs: {self.truncated} truncated, {self.dropped_too_long} dropped")
-        if self.boundary_merges:
-            out.append(f"  {self.boundary_merges} turn boundaries fell inside a token (counted as assistant)")
-        return out
+    def headline(self) -> str:
+        return (f"preference data: {self.records} records, {self.samples} pairs, {self.tokens} tokens "
+                f"({self.chosen_response_tokens} chosen / {self.rejected_response_tokens} rejected response "
+                f"tokens), longest {self.longest}")
 
 
 # --- HH-RLHF transcripts ------------------------------------------------------------------------
@@ -297,16 +273,8 @@ def load_pairs(paths: Sequence[str], opts: PreferenceDataOptions,
     """Every valid pair of the files (jsonl, jsonl.gz, parquet, datasets directories), in file and line
     order. Invalid records raise a DataError naming FILE:LINE, or, with `allow_skip`, are counted."""
     summary = summary if summary is not None else PreferenceDataSummary()
-    out = []
-    for path in paths:
-        for where, record in iter_records(path, opts.invalid_utf8):
-            summary.records += 1
-            try:
-                out.append(record_to_pair(record, opts, where))
-            except InvalidRecord as e:
-                if not opts.allow_skip:
-                    raise DataError(f"{where}: {e.detail} (set allow_skip to skip bad records)") from None
-                summary.skip(where, e.reason, e.detail)
+    out = load_valid(paths, opts.invalid_utf8, opts.allow_skip, summary,
+                     lambda record, where: record_to_pair(record, opts, where))
     summary.pairs = len(out)
     return out
 
@@ -379,24 +347,13 @@ def _response_start(*masks: np.ndarray) -> int:
     return min(int(np.argmax(m)) if m.any() else len(m) for m in masks)
 
 
-@dataclass
-class PreparedPreference:
-    tokenizer: Tokenizer  # with the built-in template's tokens added if they were missing (save it!)
-    template: ChatTemplate
-    added_tokens: list[str]  # tokens new to the vocabulary: the embedding must grow to tokenizer.vocab_size
-    samples: list[PreferenceSample]
-    summary: PreferenceDataSummary
+PreparedPreference = Prepared[PreferenceSample]
 
 
 def prepare(paths: Sequence[str], tokenizer: Tokenizer, opts: PreferenceDataOptions) -> PreparedPreference:
     """Read, validate and tokenize preference files: chat template chosen by `opts.chat_template`."""
-    from megaflow.data.chat import chat_tokenizer
-
-    tokenizer, source, added = chat_tokenizer(tokenizer, opts.chat_template)
-    template = ChatTemplate(tokenizer, source)
-    summary = PreferenceDataSummary()
-    samples = tokenize_pairs(load_pairs(paths, opts, summary), template, opts, summary)
-    return PreparedPreference(tokenizer, template, added, samples, summary)
+    return prepare_with(tokenizer, opts.chat_template, PreferenceDataSummary(), lambda template, summary: (
+        tokenize_pairs(load_pairs(paths, opts, summary), template, opts, summary)))
 
 
 # --- samples -> rows -> batches -----------------------------------------------------------------

@@ -19,8 +19,6 @@ tokens, labels, loss_mask, position_ids, segment_ids (see megaflow.data.packing)
 
 from __future__ import annotations
 
-import dataclasses
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -29,33 +27,14 @@ import torch
 
 from megaflow.data.chat import ROLES, ChatTemplate
 from megaflow.data.packing import build_row, pack
-from megaflow.data.readers import _LONE_SURROGATE, iter_records
+from megaflow.data.readers import _LONE_SURROGATE
+from megaflow.data.records import DataSummary, InvalidRecord, Prepared, RecordOptions, load_valid, prepare_with
 from megaflow.data.tokenizer import Tokenizer
-from megaflow.errors import DataError, UserError
+from megaflow.errors import DataError
 
 FORMATS = ("auto", "messages", "prompt_response", "instruction")
 TRUNCATION = ("truncate", "truncate_left", "drop", "error")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
-EXAMPLES_KEPT = 5
-
-
-class RecordOptions:
-    """Shared by the record-reading option dataclasses (SFT, preference): built from a config section and
-    checked for the values that have a fixed set of choices."""
-
-    CHOICES: dict[str, tuple[str, ...]] = {}
-
-    def __post_init__(self):
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_config(cls, config, **overrides):
-        """From any object or dict with (some of) these attribute names, e.g. a pydantic section."""
-        get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: get(n, getattr(cls, n)) for n in names if get(n, None) is not None} | overrides)
 
 
 @dataclass
@@ -96,51 +75,21 @@ class Sample:
 
 
 @dataclass
-class SFTDataSummary:
-    """What reading and preparing the data found; `lines()` is what a stage logs, `as_dict()` what it stores."""
-
-    records: int = 0
+class SFTDataSummary(DataSummary):
     conversations: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-    examples: list[str] = field(default_factory=list)  # the first few "FILE:LINE: reason"
-    truncated: int = 0
-    dropped_too_long: int = 0
-    boundary_merges: int = 0
-    samples: int = 0
-    tokens: int = 0
     loss_tokens: int = 0
-    longest: int = 0
     rows: int = 0
     packing_efficiency: float = 0.0  # real positions / (rows * seq_length)
 
-    def skip(self, where: str, reason: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples) < EXAMPLES_KEPT:
-            self.examples.append(f"{where}: {detail}")
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"skipped": dict(self.skipped)}
+    def headline(self) -> str:
+        return (f"SFT data: {self.records} records, {self.samples} samples, {self.tokens} tokens "
+                f"({self.loss_tokens} with loss), longest {self.longest}")
 
     def lines(self) -> list[str]:
-        out = [f"SFT data: {self.records} records, {self.samples} samples, {self.tokens} tokens "
-               f"({self.loss_tokens} with loss), longest {self.longest}"]
-        if self.skipped:
-            out.append(f"  skipped {sum(self.skipped.values())}: " +
-                       ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()))
-            out += [f"    {e}" for e in self.examples]
-        if self.truncated or self.dropped_too_long:
-            out.append(f"  over-long samples: {self.truncated} truncated, {self.dropped_too_long} dropped")
-        if self.boundary_merges:
-            out.append(f"  {self.boundary_merges} turn boundaries fell inside a token (counted as assistant)")
+        out = super().lines()
         if self.rows:
             out.append(f"  {self.rows} sequences, packing efficiency {self.packing_efficiency:.1%}")
         return out
-
-
-class InvalidRecord(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 # --- records -> conversations ------------------------------------------------------------------
@@ -227,16 +176,8 @@ def load_conversations(paths: Sequence[str], opts: SFTDataOptions, summary: SFTD
     """Every valid conversation of the files, in file and line order. Invalid records raise a DataError
     naming FILE:LINE, or, with `allow_skip`, are counted in `summary`."""
     summary = summary if summary is not None else SFTDataSummary()
-    out = []
-    for path in paths:
-        for where, record in iter_records(path, opts.invalid_utf8):
-            summary.records += 1
-            try:
-                out.append(Conversation(where, record_to_messages(record, opts)))
-            except InvalidRecord as e:
-                if not opts.allow_skip:
-                    raise DataError(f"{where}: {e.detail} (set allow_skip to skip bad records)") from None
-                summary.skip(where, e.reason, e.detail)
+    out = load_valid(paths, opts.invalid_utf8, opts.allow_skip, summary,
+                     lambda record, where: Conversation(where, record_to_messages(record, opts)))
     summary.conversations = len(out)
     return out
 
@@ -299,24 +240,13 @@ def exact_match_examples(samples: Iterable[Sample]) -> list[tuple[list[dict], st
     return [(s.messages[:-1], s.messages[-1]["content"]) for s in samples]
 
 
-@dataclass
-class PreparedSFT:
-    tokenizer: Tokenizer  # with the built-in template's tokens added if they were missing (save it!)
-    template: ChatTemplate
-    added_tokens: list[str]  # tokens new to the vocabulary: the embedding must grow to tokenizer.vocab_size
-    samples: list[Sample]
-    summary: SFTDataSummary
+PreparedSFT = Prepared[Sample]
 
 
 def prepare(paths: Sequence[str], tokenizer: Tokenizer, opts: SFTDataOptions) -> PreparedSFT:
     """Read, validate and tokenize SFT files: chat template chosen by `opts.chat_template`."""
-    from megaflow.data.chat import chat_tokenizer
-
-    tokenizer, source, added = chat_tokenizer(tokenizer, opts.chat_template)
-    template = ChatTemplate(tokenizer, source)
-    summary = SFTDataSummary()
-    samples = tokenize(load_conversations(paths, opts, summary), template, opts, summary)
-    return PreparedSFT(tokenizer, template, added, samples, summary)
+    return prepare_with(tokenizer, opts.chat_template, SFTDataSummary(), lambda template, summary: tokenize(
+        load_conversations(paths, opts, summary), template, opts, summary))
 
 
 # --- samples -> rows -> batches -----------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 from megaflow.data import packing, sft
 from megaflow.data.chat import ChatTemplate, chat_tokenizer, grow_embedding
+from megaflow.data.records import EXAMPLES_KEPT
 from megaflow.data.synthetic import make_instruction_data, write_instruction_data
 from megaflow.data.tokenizer import CHAT_TEMPLATE, Tokenizer, train_tokenizer
 from megaflow.errors import DataError, UserError
@@ -268,7 +269,7 @@ def test_skipping_bad_records_is_summarised(tmp_path):
     assert len(convs) == 2 and summary.records == len(BAD) + 1
     assert sum(summary.skipped.values()) == len(BAD) - 1
     assert summary.skipped["bad role"] == 2 and summary.skipped["wrong type"] == 2
-    assert summary.examples[0].startswith(f"{path}:2: ") and len(summary.examples) == sft.EXAMPLES_KEPT
+    assert summary.examples[0].startswith(f"{path}:2: ") and len(summary.examples) == EXAMPLES_KEPT
     text = "\n".join(summary.lines())
     assert "skipped 7" in text and "2 bad role" in text
     with pytest.raises(DataError, match=":1: not valid JSON"):  # unreadable files are never skipped
