@@ -1,14 +1,17 @@
-"""Helpers shared by tools/bench_pretrain.py and tools/mcore_baseline.py: benchmark shapes, the fixed token
-batch, step timing, environment facts, medians and the table. Nothing here imports megaflow (the bare
-megatron-core baseline may share only megaflow.runtime.cpu with the package), and torch is imported
+"""Helpers shared by the benchmarks in tools/: benchmark shapes, the fixed token batch, step timing (also
+of a megaflow Trainer and of a transformers/TRL Trainer in their own loops), the worker's result, the
+common command-line flags, environment facts, medians and the table. Nothing here imports megaflow (the
+bare megatron-core baseline may share only megaflow.runtime.cpu with the package), and torch is imported
 lazily, so a parent process that only plans and collects never touches a GPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import time
@@ -73,6 +76,87 @@ def time_steps(step_fn, warmup: int, steps: int) -> tuple[list[float], list[floa
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     return times, losses
+
+
+def clock_train_step(trainer, ends: list[float], losses: list[float]) -> None:
+    """Record, from inside megaflow's own loop (Trainer.train), when every step ends (device synchronised)
+    and its loss: a step is timed from the end of the one before."""
+    step = trainer.train_step
+
+    def timed_step(iterators):
+        metrics = step(iterators)
+        synchronize()
+        ends.append(time.perf_counter())
+        losses.append(metrics["loss"])
+        return metrics
+
+    trainer.train_step = timed_step
+
+
+def clock_hf_trainer(trainer, ends: list[float], losses: list[float], stats: list[dict], batch_stats) -> None:
+    """The same for a transformers Trainer (TRL's included) in its own loop: `batch_stats(batch)` of every
+    collated micro-batch into `stats`, every training micro-batch's loss into `losses`, the end of every
+    optimizer step into `ends`."""
+    from transformers import TrainerCallback
+
+    collate, compute_loss = trainer.data_collator, trainer.compute_loss
+
+    def counted(examples):
+        batch = collate(examples)
+        stats.append(batch_stats(batch))
+        return batch
+
+    def loss_recorded(*args, **kwargs):
+        loss = compute_loss(*args, **kwargs)
+        if trainer.model.training:
+            losses.append(float(loss.detach()))
+        return loss
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            synchronize()
+            ends.append(time.perf_counter())
+
+    trainer.data_collator, trainer.compute_loss = counted, loss_recorded
+    trainer.add_callback(Clock())
+
+
+def finish_worker(out: dict, warmup: int) -> dict:
+    """A worker's result: step times after `warmup` steps from its step ends, its stats and losses cut to
+    the steps that ended, the environment and the load it ran under."""
+    ends = out.pop("ends")
+    out["times"] = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
+    out["stats"], out["losses"] = out["stats"][:len(ends)], out["losses"][:len(ends)]
+    out["env"] = env_info() | {"trl": package_version("trl")}
+    out["loadavg_1min"] = os.getloadavg()[0]
+    return out
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every side-by-side benchmark has: rounds and steps, limits, output, device, plan only."""
+    for flag in ("--repeats", "--steps", "--warmup"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--max-minutes", type=float, help="start no new round past this (default 8 on GPU)")
+    p.add_argument("--worker-timeout", type=float)
+    p.add_argument("--out")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def resolve_run_flags(a: argparse.Namespace, defaults: dict[str, dict], name: str) -> None:
+    """The device (auto: a GPU if torch sees one), every unset flag from that device's `defaults`, the
+    precision (bf16 on GPU, fp32 on CPU) and the JSON path (bench-results/NAME.json, or $OUT/NAME.json
+    when $OUT is a folder)."""
+    import torch
+
+    a.device = ("gpu" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    for k, v in defaults[a.device].items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    a.precision = "bf16" if a.device == "gpu" else "fp32"
+    if a.out is None:
+        o = os.environ.get("OUT")
+        a.out = str(Path(o) / f"{name}.json") if o and Path(o).is_dir() else f"bench-results/{name}.json"
 
 
 def package_version(name: str) -> str | None:

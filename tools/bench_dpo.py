@@ -82,8 +82,6 @@ def megaflow_overrides(spec: dict) -> list[str]:
 def work_megaflow(spec: dict) -> dict:
     """megaflow's DPO stage as `megaflow train dpo` runs it (megaflow.algorithms.dpo.main: pairs, cached
     reference log-probs, DPOTask, Trainer.train), minus held-out evaluation and saving; pairs in file order."""
-    import torch
-
     from megaflow.algorithms.dpo import DPOTask
     from megaflow.config import load_config
     from megaflow.data.preference import PreferenceBatchIterator
@@ -125,17 +123,7 @@ def work_megaflow(spec: dict) -> dict:
                                     b["tokens"].numel()))
             return b
 
-    step = trainer.train_step
-
-    def timed_step(iterators):
-        m = step(iterators)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ends.append(time.perf_counter())
-        losses.append(m["loss"])
-        return m
-
-    trainer.train_step = timed_step
+    common.clock_train_step(trainer, ends, losses)
     build_s = time.perf_counter() - t0 - ref_s
     trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, shuffle=False)], None)
     trainer.close()
@@ -153,7 +141,7 @@ def work_trl(spec: dict) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     seq, batch, gpu = spec["seq"], spec["batch"], torch.cuda.is_available()
     t0 = time.perf_counter()
@@ -190,32 +178,8 @@ def work_trl(spec: dict) -> dict:
     if not in_order:  # an older transformers: the same order by hand
         trainer._get_train_sampler = lambda *_, **__: torch.utils.data.SequentialSampler(trainer.train_dataset)
     stats, ends, losses = [], [], []
-    collate = trainer.data_collator
-
-    def counted(examples):
-        b = collate(examples)
-        stats.append(_stats(b["attention_mask"].sum(), b["input_ids"].shape[0] // 2, b["completion_mask"].sum(),
-                            b["input_ids"].numel()))
-        return b
-
-    trainer.data_collator = counted
-    compute_loss = trainer.compute_loss
-
-    def loss_recorded(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        if trainer.model.training:
-            losses.append(float(loss.detach()))
-        return loss
-
-    trainer.compute_loss = loss_recorded
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            if gpu:
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-
-    trainer.add_callback(Clock())
+    common.clock_hf_trainer(trainer, ends, losses, stats, lambda b: _stats(
+        b["attention_mask"].sum(), b["input_ids"].shape[0] // 2, b["completion_mask"].sum(), b["input_ids"].numel()))
     build_s = time.perf_counter() - t0 - sum(ref_s)
     trainer.train()
     return {"ends": ends, "losses": losses, "stats": stats, "build_s": build_s, "ref_s": sum(ref_s),
@@ -228,12 +192,7 @@ def run_worker(spec: dict) -> None:
     if spec["impl"].startswith("megaflow"):
         import megatron.core  # noqa: F401  before any cuDNN op (Transformer Engine, ../shared/gpu/README.md)
     out = {"megaflow": work_megaflow, "megaflow-packed": work_megaflow, "trl": work_trl}[spec["impl"]](spec)
-    w, ends = spec["warmup"], out.pop("ends")
-    out["times"] = [b - a for a, b in zip(ends[w - 1:], ends[w:])]
-    out["stats"], out["losses"] = out["stats"][:len(ends)], out["losses"][:len(ends)]
-    out["env"] = common.env_info() | {"trl": common.package_version("trl")}
-    out["loadavg_1min"] = os.getloadavg()[0]
-    common.emit_result(out)
+    common.emit_result(common.finish_worker(out, spec["warmup"]))
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -246,32 +205,17 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, help="sequence budget: megaflow's row length, TRL's max_length (default 32)")
     p.add_argument("--batch", type=int, help="pairs per optimizer step (one micro-batch)")
     p.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid")
-    for flag in ("--repeats", "--steps", "--warmup"):
-        p.add_argument(flag, type=int)
-    p.add_argument("--max-minutes", type=float, help="start no new round past this (default 8 on GPU)")
-    p.add_argument("--worker-timeout", type=float)
-    p.add_argument("--out")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    common.add_run_flags(p)
     a = p.parse_args(argv)
     if a.worker:
         return a
-    import torch
-
-    a.device = ("gpu" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    for k, v in DEFAULTS[a.device].items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
-    a.precision = "bf16" if a.device == "gpu" else "fp32"
+    common.resolve_run_flags(a, DEFAULTS, "bench_dpo")
     if min(a.repeats, a.steps, a.warmup, a.seq, a.batch) < 1:
         p.error("--repeats, --steps, --warmup (the first step's end starts the clock) and sizes must be >= 1")
     a.pairs_used = (a.warmup + a.steps) * a.batch
     available = sum(1 for line in DATA.read_text().splitlines() if line.strip())
     if a.pairs_used > available:
         p.error(f"(--warmup + --steps) x --batch = {a.pairs_used} pairs, but {DATA.name} has {available}")
-    if a.out is None:
-        o = os.environ.get("OUT")
-        a.out = str(Path(o) / "bench_dpo.json") if o and Path(o).is_dir() else "bench-results/bench_dpo.json"
     return a
 
 

@@ -111,8 +111,6 @@ def _batch_stats(tokens: int, samples: int, loss_tokens: int, positions: int) ->
 
 def work_megaflow(spec: dict) -> dict:
     """megaflow's SFT stage as `megaflow train sft` runs it (data, SFTTask, Trainer.train), minus eval and saving."""
-    import torch
-
     from megaflow.algorithms.sft import SFTTask
     from megaflow.data import sft
     from megaflow.data.chat import ChatTemplate
@@ -142,17 +140,7 @@ def work_megaflow(spec: dict) -> dict:
             stats.append(_batch_stats((b["segment_ids"] > 0).sum() + n, n, b["loss_mask"].sum(), b["tokens"].numel()))
             return b
 
-    step = trainer.train_step
-
-    def timed_step(iterators):
-        m = step(iterators)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ends.append(time.perf_counter())
-        losses.append(m["loss"])
-        return m
-
-    trainer.train_step = timed_step
+    common.clock_train_step(trainer, ends, losses)
     build_s = time.perf_counter() - t0
     trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, shuffle=packed)], None)
     trainer.close()
@@ -169,7 +157,7 @@ def work_trl(spec: dict) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     packed, seq, batch = spec["mode"] == "packed", spec["seq"], spec["batch"]
     gpu = torch.cuda.is_available()
@@ -196,35 +184,15 @@ def work_trl(spec: dict) -> dict:
     if not packed and not in_order:  # an older transformers: the same order by hand
         trainer._get_train_sampler = lambda *_, **__: torch.utils.data.SequentialSampler(trainer.train_dataset)
     stats, ends, losses = [], [], []
-    collate = trainer.data_collator
 
-    def counted(examples):
-        b = collate(examples)
+    def batch_stats(b):
         if "attention_mask" in b:  # padded rows
             n, tokens = b["input_ids"].shape[0], b["attention_mask"].sum()
         else:  # padding-free: one flattened sequence, position_ids restart at 0 per sample
             n, tokens = (b["position_ids"] == 0).sum(), b["position_ids"].shape[1]
-        stats.append(_batch_stats(tokens, n, (b["labels"][:, 1:] != -100).sum(), b["input_ids"].numel()))
-        return b
+        return _batch_stats(tokens, n, (b["labels"][:, 1:] != -100).sum(), b["input_ids"].numel())
 
-    trainer.data_collator = counted
-    compute_loss = trainer.compute_loss
-
-    def loss_recorded(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        if trainer.model.training:
-            losses.append(float(loss.detach()))
-        return loss
-
-    trainer.compute_loss = loss_recorded
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            if gpu:
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-
-    trainer.add_callback(Clock())
+    common.clock_hf_trainer(trainer, ends, losses, stats, batch_stats)
     build_s = time.perf_counter() - t0
     trainer.train()
     k = args.gradient_accumulation_steps  # micro-batches -> optimizer steps (each loss is sum / step's loss tokens)
@@ -240,14 +208,7 @@ def run_worker(spec: dict) -> None:
     if spec["impl"] in ("init", "megaflow"):
         import megatron.core  # noqa: F401  before any cuDNN op (Transformer Engine, ../shared/gpu/README.md)
     out = {"init": work_init, "megaflow": work_megaflow, "trl": work_trl}[spec["impl"]](spec)
-    if spec["impl"] != "init":
-        w = spec["warmup"]
-        ends = out.pop("ends")
-        out["times"] = [b - a for a, b in zip(ends[w - 1:], ends[w:])]
-        out["stats"], out["losses"] = out["stats"][:len(ends)], out["losses"][:len(ends)]
-        out["env"] = common.env_info() | {"trl": common.package_version("trl")}
-        out["loadavg_1min"] = os.getloadavg()[0]
-    common.emit_result(out)
+    common.emit_result(out if spec["impl"] == "init" else common.finish_worker(out, spec["warmup"]))
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -264,27 +225,15 @@ def parse_args(argv=None):
     p.add_argument("--trl-accum", type=int, help="also run TRL packed as this many accumulated micro-batches per step "
                                                  "(one flattened padding-free batch costs quadratic attention; 1: off)")
     p.add_argument("--modes", default="packed,unpacked")
-    for flag in ("--repeats", "--steps", "--warmup"):
-        p.add_argument(flag, type=int)
-    p.add_argument("--max-minutes", type=float, help="start no new round past this (default 8 on GPU)")
-    p.add_argument("--worker-timeout", type=float)
-    p.add_argument("--out")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    common.add_run_flags(p)
     a = p.parse_args(argv)
     if a.worker:
         return a
     import importlib.util
 
-    import torch
-
-    a.device = ("gpu" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    for k, v in DEFAULTS[a.device].items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    common.resolve_run_flags(a, DEFAULTS, "bench_sft")
     a.unpacked_batch = a.unpacked_batch or max(1, a.batch * a.seq // a.unpacked_seq)
     a.trl_accum = a.trl_accum or (1 if importlib.util.find_spec("flash_attn") else a.batch)
-    a.precision = "bf16" if a.device == "gpu" else "fp32"
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if not a.modes or any(m not in MODES for m in a.modes):
         p.error(f"--modes: a comma list of {', '.join(MODES)}")
@@ -292,9 +241,6 @@ def parse_args(argv=None):
         p.error("--repeats, --steps, --warmup (the first step's end starts the clock) and sizes must be >= 1")
     if a.batch % a.trl_accum:
         p.error(f"--trl-accum {a.trl_accum} must divide --batch {a.batch}")
-    if a.out is None:
-        o = os.environ.get("OUT")
-        a.out = str(Path(o) / "bench_sft.json") if o and Path(o).is_dir() else "bench-results/bench_sft.json"
     return a
 
 
