@@ -134,7 +134,8 @@ def _text_documents(lines: Iterator[tuple[int, str]], split_documents_on: str) -
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _jsonl_documents(path, lines, field: str, invalid_utf8: str, stats: ReadStats) -> Iterator[str]:
+def _json_objects(path, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str, dict]]:
+    """(line number, line, object) of every non-blank line; anything but a JSON object names its line."""
     for lineno, line in lines:
         if not line.strip():
             continue
@@ -145,6 +146,11 @@ def _jsonl_documents(path, lines, field: str, invalid_utf8: str, stats: ReadStat
                             "expected one JSON object per line") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, line, record
+
+
+def _jsonl_documents(path, lines, field: str, invalid_utf8: str, stats: ReadStats) -> Iterator[str]:
+    for lineno, line, record in _json_objects(path, lines):
         if field not in record:
             raise DataError(f"{path}:{lineno}: no field {field!r}")
         doc = record[field]
@@ -206,16 +212,7 @@ def iter_records(path: str | os.PathLike, invalid_utf8: str = "replace") -> Iter
     if fmt == "parquet":
         yield from _parquet_records(path)
     elif fmt == "jsonl":
-        for lineno, line in _decoded_lines(path, invalid_utf8, ReadStats()):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                "expected one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        for lineno, _, record in _json_objects(path, _decoded_lines(path, invalid_utf8, ReadStats())):
             yield f"{path}:{lineno}", record
     else:
         raise DataError(f"{path}: expected a .jsonl, .jsonl.gz or .parquet file or a datasets directory")
