@@ -13,8 +13,10 @@ micro-batch (one [2 x batch, L] forward and backward of chosen and rejected rows
 log-probs precomputed before training on both sides (megaflow's default `dpo.reference=cached`, TRL's
 `precompute_ref_log_probs=True`; the reference pass is timed separately, not in steps/s), AdamW lr 3e-4
 constant, betas (0.9, 0.95), eps 1e-8, weight decay 0.1, clip 1.0, no recomputation; fp32 on CPU, bf16 on
-GPU. Rows: megaflow pads every row to --seq (its data.seq_length), TRL to the batch's longest (its
-max_length is --seq); the default --seq is the longest pair of the data (31 tokens) rounded up to 32.
+GPU. Rows: megaflow cuts each micro-batch after its longest sequence rounded up to a multiple of 16
+(`data.padding: longest`, its default; "full rows" keeps every row at --seq, `data.padding: max_length`),
+TRL pads to the batch's longest (its max_length is --seq); the default --seq is the longest pair of the
+data (31 tokens) rounded up to 32, where the two megaflow rows compute the same positions.
 Tokens: a sequence of L tokens counts L, padding never (the same on both sides: each renders
 prompt + response through the same template). Response tokens differ by one per sequence: TRL's completion
 is everything the template adds after the generation prompt, so also the newline after <|end_of_turn|>;
@@ -54,8 +56,9 @@ import bench_sft  # noqa: E402  (setup, megaflow overrides, worker calls, the op
 
 REPO_ROOT = common.REPO_ROOT
 DATA = REPO_ROOT / "data" / "sample" / "pref-words" / "train.jsonl"
-IMPLS = ("megaflow", "megaflow-packed", "trl")
-LABELS = {"megaflow": "megaflow DPO", "megaflow-packed": "megaflow DPO, packed", "trl": "TRL DPOTrainer"}
+IMPLS = ("megaflow", "megaflow-full-rows", "megaflow-packed", "trl")
+LABELS = {"megaflow": "megaflow DPO", "megaflow-full-rows": "megaflow DPO, full rows", "megaflow-packed":
+          "megaflow DPO, packed", "trl": "TRL DPOTrainer"}
 DEFAULTS = {
     "cpu": dict(shape="small", seq=32, batch=16, repeats=5, steps=6, warmup=2, worker_timeout=900.0, max_minutes=None),
     "gpu": dict(shape="1b", seq=32, batch=128, repeats=3, steps=10, warmup=3, worker_timeout=400.0, max_minutes=8.0),
@@ -76,7 +79,8 @@ def megaflow_overrides(spec: dict) -> list[str]:
     ov = [x for x in bench_sft.megaflow_overrides(spec, spec["seq"], spec["batch"]) if x != "stage=sft"]
     return ov + ["stage=dpo", f"dpo.loss_type={spec['loss_type']}", f"dpo.beta={BETA}", "dpo.reference=cached",
                  "data.preference.valid=[]", "eval.final=false",
-                 f"data.preference.packing={str(spec['impl'] == 'megaflow-packed').lower()}"]
+                 f"data.preference.packing={str(spec['impl'] == 'megaflow-packed').lower()}",
+                 f"data.padding={'max_length' if spec['impl'] == 'megaflow-full-rows' else 'longest'}"]
 
 
 def work_megaflow(spec: dict) -> dict:
@@ -88,7 +92,7 @@ def work_megaflow(spec: dict) -> dict:
     from megaflow.data.sft import SFTBatchIterator
     from megaflow.models.gpt import use_transformer_engine
     from megaflow.training import preference, reference
-    from megaflow.training.engine import Trainer
+    from megaflow.training.engine import Trainer, pad_multiple
 
     run_dir, batch = Path(spec["dir"]) / "run", spec["batch"]
     cfg = load_config(None, [*megaflow_overrides(spec), f"run.dir={run_dir}", f"init_from={spec['ckpt']}",
@@ -125,7 +129,8 @@ def work_megaflow(spec: dict) -> dict:
 
     common.clock_train_step(trainer, ends, losses)
     build_s = time.perf_counter() - t0 - ref_s
-    trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, shuffle=False)], None)
+    multiple = 0 if packed else pad_multiple(cfg)  # as megaflow.training.preference.batch_iterators
+    trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, False, multiple)], None)
     trainer.close()
     return {"ends": ends, "losses": losses, "stats": stats, "build_s": build_s, "ref_s": ref_s,
             "info": {"pairs": len(s.train), "optimizer": type(getattr(trainer.optimizer, "optimizer",
@@ -191,7 +196,7 @@ def work_trl(spec: dict) -> dict:
 def run_worker(spec: dict) -> None:
     if spec["impl"].startswith("megaflow"):
         import megatron.core  # noqa: F401  before any cuDNN op (Transformer Engine, ../shared/gpu/README.md)
-    out = {"megaflow": work_megaflow, "megaflow-packed": work_megaflow, "trl": work_trl}[spec["impl"]](spec)
+    out = (work_trl if spec["impl"] == "trl" else work_megaflow)(spec)
     common.emit_result(common.finish_worker(out, spec["warmup"]))
 
 
@@ -280,7 +285,8 @@ def print_table(rows: dict, a, convert: dict, loads: list[float]) -> None:
     print(f"* weights: megaflow's random init -> megaflow-to-hf --verify: max |logit diff| "
           f"{convert.get('max_abs_logit_diff')}")
     print("* steps/s and tokens/s: whole optimizer steps after the warm-up (medians over rounds); tokens: the pairs' "
-          "tokens, no padding; positions: rows x row length (megaflow pads to --seq, TRL to the batch's longest); "
+          "tokens, no padding; positions: rows x row length (megaflow: the longest rounded up to 16, or --seq with full "
+          "rows; TRL: the batch's longest); "
           "ref pass: the reference log-probs of all pairs before training (not in steps/s); megaflow/this: ratio "
           "of steps/s")
     if loads:
@@ -332,7 +338,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(d, ignore_errors=True)
                 results.append((r or {"failed": True}) | {"impl": impl, "repeat": rep})
                 if r:
-                    print(f"  {LABELS[impl]:<15} {len(r['times']) / sum(r['times']):6.2f} steps/s, "
+                    print(f"  {LABELS[impl]:<23} {len(r['times']) / sum(r['times']):6.2f} steps/s, "
                           f"{1000 * common.median(r['times']):7.1f} ms/step, ref pass {r['ref_s']:.2f} s "
                           f"(loss {r['losses'][0]:.5f} -> {r['losses'][-1]:.5f})", flush=True)
             round_s = time.time() - t_round

@@ -12,7 +12,8 @@ Data: data/sample/sft-words/train.jsonl as user/assistant turns, loss on the ass
             micro-batch is one flattened sequence with per-sample position_ids (transformers masks it
             block-diagonally for SDPA; flash-attention varlen on GPU when flash_attn is installed); without
             flash_attn also as --trl-accum accumulated micro-batches per step (same update, less attention).
-  unpacked  one sample per row, padded to --unpacked-seq (megaflow) or the batch's longest (TRL); both read
+  unpacked  one sample per row, in rows of --unpacked-seq cut after the micro-batch's longest rounded up to 16
+            (megaflow's data.padding: longest) or padded to the batch's longest (TRL); both read
             the samples in file order, so the batches, step-1 losses and loss tokens per step are equal.
 Each side runs its own loop (Trainer.train / SFTTrainer.train) for --warmup + --steps optimizer steps in a
 process of its own, interleaved over --repeats rounds (medians); a step is timed from the end of the one
@@ -116,7 +117,7 @@ def work_megaflow(spec: dict) -> dict:
     from megaflow.data.chat import ChatTemplate
     from megaflow.data.tokenizer import CHAT_TEMPLATE, Tokenizer
     from megaflow.models.gpt import use_transformer_engine
-    from megaflow.training.engine import Trainer
+    from megaflow.training.engine import Trainer, pad_multiple
 
     packed, seq, batch = spec["mode"] == "packed", spec["seq"], spec["batch"]
     cfg = _megaflow_setup(spec, seq, batch, Path(spec["dir"]) / "run")
@@ -142,7 +143,7 @@ def work_megaflow(spec: dict) -> dict:
 
     common.clock_train_step(trainer, ends, losses)
     build_s = time.perf_counter() - t0
-    trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, shuffle=packed)], None)
+    trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, packed, pad_multiple(cfg))], None)
     trainer.close()
     return {"ends": ends, "losses": losses, "stats": stats, "build_s": build_s,
             "info": {"rows": len(data), "packing_efficiency": data.packing_efficiency, "samples": len(prepared.samples),
@@ -220,7 +221,7 @@ def parse_args(argv=None):
     p.add_argument("--shape", choices=sorted(common.SHAPES), help="default: small on CPU, 1b on GPU")
     p.add_argument("--seq", type=int, help="packed row length (TRL: max_length)")
     p.add_argument("--batch", type=int, help="packed rows per optimizer step")
-    p.add_argument("--unpacked-seq", type=int, help="unpacked row length (megaflow pads to it)")
+    p.add_argument("--unpacked-seq", type=int, help="unpacked row length (megaflow's data.seq_length)")
     p.add_argument("--unpacked-batch", type=int, help="samples per step unpacked")
     p.add_argument("--trl-accum", type=int, help="also run TRL packed as this many accumulated micro-batches per step "
                                                  "(one flattened padding-free batch costs quadratic attention; 1: off)")
@@ -257,7 +258,7 @@ def variants(a) -> list[dict]:
                 out.append(v | dict(key=f"trl-accum{a.trl_accum}", impl="trl", accum=a.trl_accum,
                                     settings=f"as above, {a.trl_accum} micro-batches of {batch // a.trl_accum} accumulated"))
         else:
-            out += [v | dict(key="megaflow", impl="megaflow", settings=f"no packing, {batch} rows padded to {seq}"),
+            out += [v | dict(key="megaflow", impl="megaflow", settings=f"no packing, {batch} rows of {seq}, cut after the longest"),
                     v | dict(key="trl", impl="trl", settings=f"no packing, {batch} rows padded to the longest")]
     return out
 

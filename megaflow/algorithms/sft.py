@@ -21,7 +21,7 @@ from megaflow.errors import UserError
 from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, init_from, stage
-from megaflow.training.engine import Trainer, data_parallel_rank_and_size
+from megaflow.training.engine import Trainer, data_parallel_rank_and_size, pad_multiple
 from megaflow.training.lm import LanguageModelTask
 
 
@@ -140,8 +140,8 @@ def main(cfg: StageConfig) -> dict:
     dp_rank, dp_size = data_parallel_rank_and_size()
 
     def iterators(dataset, consumed: int, shuffle: bool = True):
-        return [sft.SFTBatchIterator(dataset, t.micro_batch_size, dp_rank, dp_size, consumed, t.seed, shuffle)
-                for _ in trainer.model]
+        return [sft.SFTBatchIterator(dataset, t.micro_batch_size, dp_rank, dp_size, consumed, t.seed, shuffle,
+                                     pad_multiple(cfg)) for _ in trainer.model]
 
     make_valid = (lambda: iterators(valid_ds, 0, shuffle=False)) if valid_ds is not None and len(valid_ds) else None
     status = trainer.train(lambda consumed: iterators(train_ds, consumed), make_valid)

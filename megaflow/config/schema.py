@@ -158,6 +158,9 @@ class DataConfig(Section):
     workers: int = Field(1, ge=1)
     split_documents_on: Literal["blank_line", "none"] = "blank_line"
     invalid_utf8: Literal["replace", "error"] = "replace"
+    # SFT and preference micro-batches: cut after their longest row (rounded up to a multiple of 16 and of
+    # parallel.tp; not with a pipeline), or keep every row at seq_length (megaflow.training.engine.pad_multiple)
+    padding: Literal["longest", "max_length"] = "longest"
     sft: SFTData = Field(default_factory=SFTData)
     preference: PreferenceData = Field(default_factory=PreferenceData)
 

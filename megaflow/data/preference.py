@@ -434,11 +434,12 @@ def split_chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class PreferenceBatchIterator(SFTBatchIterator):
     """Endless iterator over one data-parallel rank's micro-batches of `micro_batch_size` pairs, each a
-    [2 * micro_batch_size, seq_length] batch from `collate_pairs`. `consumed_samples` counts pairs; the
-    order, per-epoch shuffle and rank slicing are those of megaflow.data.sft.SFTBatchIterator."""
+    [2 * micro_batch_size, seq_length] batch from `collate_pairs` (shorter with `pad_multiple`).
+    `consumed_samples` counts pairs; the order, per-epoch shuffle, rank slicing and padding cut are those
+    of megaflow.data.sft.SFTBatchIterator."""
 
     def __next__(self) -> dict[str, torch.Tensor]:
         start = self.consumed_samples + self.dp_rank * self.mbs
         items = [self.dataset[self.row_at(start + j)] for j in range(self.mbs)]
         self.consumed_samples += self.mbs * self.dp_size
-        return collate_pairs(items)
+        return self.emit(collate_pairs(items))

@@ -19,6 +19,7 @@ tokens, labels, loss_mask, position_ids, segment_ids (see megaflow.data.packing)
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from megaflow.data.chat import ROLES, ChatTemplate
-from megaflow.data.packing import build_row, pack
+from megaflow.data.packing import build_row, pack, trim_padding
 from megaflow.data.readers import _LONE_SURROGATE
 from megaflow.data.records import DataSummary, InvalidRecord, Prepared, RecordOptions, load_valid, prepare_with
 from megaflow.data.tokenizer import Tokenizer
@@ -289,9 +290,11 @@ class SFTBatchIterator:
     """
 
     def __init__(self, dataset: SFTDataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0, seed: int = 0, shuffle: bool = True):
+                 consumed_samples: int = 0, seed: int = 0, shuffle: bool = True, pad_multiple: int = 0):
         self.dataset, self.mbs, self.dp_rank, self.dp_size = dataset, micro_batch_size, dp_rank, dp_size
         self.consumed_samples, self.seed, self.shuffle = consumed_samples, seed, shuffle
+        self.pad_multiple = pad_multiple  # > 0: cut each micro-batch's padding (megaflow.data.packing.trim_padding)
+        self.shapes: Counter = Counter()  # (rows, length) -> micro-batches yielded so far, when cutting
         self._epoch, self._order = None, None
 
     def __iter__(self):
@@ -309,4 +312,18 @@ class SFTBatchIterator:
         start = self.consumed_samples + self.dp_rank * self.mbs
         rows = [self.dataset[self.row_at(start + j)] for j in range(self.mbs)]
         self.consumed_samples += self.mbs * self.dp_size
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return self.emit({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+
+    def emit(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The micro-batch as it goes out: its padding cut when `pad_multiple` is set, its shape counted."""
+        if not self.pad_multiple:
+            return batch
+        batch = trim_padding(batch, self.pad_multiple)
+        self.shapes[tuple(batch["tokens"].shape)] += 1
+        return batch
+
+    def take_shapes(self) -> Counter:
+        """(rows, length) -> count of the micro-batches yielded since the last call (the engine's measure of
+        the work of a step whose rows were cut); empty when rows are not cut."""
+        shapes, self.shapes = self.shapes, Counter()
+        return shapes

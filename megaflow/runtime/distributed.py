@@ -122,6 +122,18 @@ def teardown() -> None:
         torch.distributed.destroy_process_group()
 
 
+def sum_over_data_parallel(values: torch.Tensor) -> None:
+    """Sum a small tensor over the data-parallel replicas, in place (through this rank's device: NCCL
+    reduces only GPU tensors)."""
+    if not torch.distributed.is_initialized():
+        return
+    from megatron.core import parallel_state
+
+    on_device = values.to(device())
+    torch.distributed.all_reduce(on_device, group=parallel_state.get_data_parallel_group())
+    values.copy_(on_device.cpu())
+
+
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 

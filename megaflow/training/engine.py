@@ -14,6 +14,7 @@ import json
 import math
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -58,6 +59,16 @@ def num_microbatches(cfg: StageConfig) -> int:
     """Micro-batches per step on each data-parallel rank (divisibility is checked by StageConfig.check_layout)."""
     _, dp = data_parallel_rank_and_size()
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+def pad_multiple(cfg: StageConfig) -> int:
+    """What SFT and preference micro-batches are cut to, past their longest row (`data.padding: longest`):
+    a multiple of 16 (FP8 GEMMs need it; tensor cores like it) and of the TP size (sequence parallelism
+    splits the sequence). 0, full rows of seq_length, with `data.padding: max_length` or a pipeline
+    (its stages exchange activations of one fixed shape)."""
+    if cfg.data.padding == "max_length" or cfg.parallel.pp > 1:
+        return 0
+    return math.lcm(16, cfg.parallel.tp)
 
 
 def build_model(cfg: StageConfig, vocab_size: int, head: str = "lm"):
@@ -335,9 +346,10 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.state.step += 1
                 self.state.consumed_samples += cfg.train.global_batch_size
-                self.state.tokens_seen += self.tokens_per_step
-                m |= {"step_time": dt, "tok_per_s": self.tokens_per_step / dt,
-                      "mfu": self.flops_per_step / dt / self.peak, "tokens_seen": self.state.tokens_seen}
+                positions, flops = self._step_work(iterators)
+                self.state.tokens_seen += positions
+                m |= {"step_time": dt, "tok_per_s": positions / dt, "mfu": flops / dt / self.peak,
+                      "tokens_seen": self.state.tokens_seen}
                 if dist.device().type == "cuda":  # compare with `megaflow plan`
                     m["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 if self.state.step % cfg.run.log_every == 0 or self.state.step == cfg.train.steps:
@@ -354,6 +366,21 @@ class Trainer:
         bar.close()
         checkpoint.finalize_saves(self.async_saves, blocking=True)  # a save in flight is finished before we go on
         return "done"
+
+    def _step_work(self, iterators: list[Iterator]) -> tuple[int, float]:
+        """Positions (padding included) and FLOPs of the step just taken, over all ranks: full rows of
+        seq_length, unless the iterators cut padding (megaflow.data.sft.SFTBatchIterator.take_shapes):
+        then the shapes that ran, summed over the data-parallel replicas."""
+        shapes = Counter()
+        for it in iterators:
+            shapes.update(it.take_shapes() if hasattr(it, "take_shapes") else {})
+        if not shapes:
+            return self.tokens_per_step, self.flops_per_step
+        work = torch.tensor([sum(n * rows * length for (rows, length), n in shapes.items()),
+                             sum(n * gpt.flops_per_step(self.cfg.model, self.vocab_size, rows, length)
+                                 for (rows, length), n in shapes.items())], dtype=torch.float64)
+        dist.sum_over_data_parallel(work)
+        return int(work[0]), float(work[1])
 
     def _after_step(self, bar, make_valid_iterators) -> None:
         cfg, step = self.cfg, self.state.step

@@ -90,14 +90,18 @@ def start(cfg: StageConfig) -> Start:
 
 def batch_iterators(cfg: StageConfig, n_chunks: int, dataset, consumed: int = 0, shuffle: bool = True) -> list:
     """One iterator per model chunk over this data-parallel rank's micro-batches: of pairs (a
-    PreferenceDataset: [2m, seq] rows) or of packed rows (a PackedPreferenceDataset: [m, 2 seq])."""
+    PreferenceDataset: [2m, seq] rows, cut after the longest unless `data.padding: max_length`) or of
+    packed rows (a PackedPreferenceDataset: [m, 2 seq], full by construction)."""
     from megaflow.data.pair_packing import PackedPreferenceDataset
     from megaflow.data.sft import SFTBatchIterator
-    from megaflow.training.engine import data_parallel_rank_and_size
+    from megaflow.training.engine import data_parallel_rank_and_size, pad_multiple
 
     dp_rank, dp_size = data_parallel_rank_and_size()
-    kind = SFTBatchIterator if isinstance(dataset, PackedPreferenceDataset) else preference.PreferenceBatchIterator
-    return [kind(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, cfg.train.seed, shuffle)
+    if isinstance(dataset, PackedPreferenceDataset):
+        kind, multiple = SFTBatchIterator, 0
+    else:
+        kind, multiple = preference.PreferenceBatchIterator, pad_multiple(cfg)
+    return [kind(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, cfg.train.seed, shuffle, multiple)
             for _ in range(n_chunks)]
 
 

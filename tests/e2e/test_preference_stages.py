@@ -109,12 +109,30 @@ def _short_dpo(workdir, sft, name: str, *overrides: str) -> list[float]:
     return [r["loss"] for r in _rows(workdir / "runs" / name / "dpo") if "split" not in r]
 
 
-def test_cached_and_live_reference_give_the_same_losses(workdir, tiny_sft):
-    cached = _short_dpo(workdir, tiny_sft, "dpo-cached", "dpo.reference=cached")
+@pytest.fixture(scope="module")
+def short_cached(workdir, tiny_sft) -> list[float]:
+    """Three DPO steps with the defaults: cached reference, pair rows cut after the longest (data.padding)."""
+    return _short_dpo(workdir, tiny_sft, "dpo-cached", "dpo.reference=cached")
+
+
+def test_cached_and_live_reference_give_the_same_losses(workdir, tiny_sft, short_cached):
+    cached = short_cached
     live = _short_dpo(workdir, tiny_sft, "dpo-live", "dpo.reference=live")
     print(f"cached {cached} vs live {live}")
     assert cached[0] == pytest.approx(math.log(2), abs=1e-6)
     assert cached == pytest.approx(live, abs=1e-5)
+
+
+def test_rows_cut_after_the_longest_give_the_losses_of_full_rows(workdir, tiny_sft, short_cached):
+    """`data.padding: longest` (the default) computes only up to the micro-batch's longest sequence; the
+    losses are those of rows padded to seq_length, and the metrics count the positions that ran."""
+    full = _short_dpo(workdir, tiny_sft, "dpo-full-rows", "data.padding=max_length")
+    print(f"cut rows {short_cached} vs full rows {full}")
+    assert short_cached == pytest.approx(full, abs=1e-5)
+    positions = {name: [r["tokens_seen"] for r in _rows(workdir / "runs" / name / "dpo") if "split" not in r]
+                 for name in ("dpo-cached", "dpo-full-rows")}
+    assert positions["dpo-full-rows"] == [32 * 64 * (k + 1) for k in range(3)]  # 16 pairs x 2 rows of 64
+    assert all(0 < cut < full for cut, full in zip(positions["dpo-cached"], positions["dpo-full-rows"]))
 
 
 def test_ipo_and_rpo_start_at_their_closed_forms(workdir, tiny_sft):

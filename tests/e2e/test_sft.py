@@ -52,6 +52,25 @@ def test_the_final_checkpoint_records_its_parent_and_tokenizer(tiny_pretrain, ti
     assert (tiny_sft / "final" / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_unpacked_rows_cut_after_the_longest_give_the_losses_of_full_rows(workdir, tiny_pretrain):
+    """Without packing, `data.padding: longest` (the default) computes each micro-batch only up to its
+    longest sample: the same losses as rows padded to seq_length, fewer positions counted."""
+    runs = {}
+    for padding in ("longest", "max_length"):
+        proc = run_megaflow("train", "sft", "--config", str(SFT_CONFIG), f"init_from={tiny_pretrain / 'final'}",
+                            f"data.train=[{{path: {REPO / 'data/sample/sft-words/train.jsonl'}}}]", "data.sft.valid=[]",
+                            "data.sft.packing=false", f"data.padding={padding}", f"run.dir=runs/sft-{padding}",
+                            "train.steps=3", "train.warmup_steps=0", "eval.final=false", cwd=workdir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = (workdir / "runs" / f"sft-{padding}" / "sft" / "metrics.jsonl").read_text().splitlines()
+        runs[padding] = [json.loads(line) for line in lines if "split" not in line]
+    losses = {k: [r["loss"] for r in rows] for k, rows in runs.items()}
+    print(f"cut rows {losses['longest']} vs full rows {losses['max_length']}")
+    assert losses["longest"] == pytest.approx(losses["max_length"], abs=1e-5)
+    assert [r["tokens_seen"] for r in runs["max_length"]] == [16 * 64 * (k + 1) for k in range(3)]
+    assert 0 < runs["longest"][-1]["tokens_seen"] <= runs["max_length"][-1]["tokens_seen"] / 2  # samples <= 32 tokens
+
+
 def test_sft_bad_inputs_are_one_line(workdir, tmp_path, tiny_pretrain):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "response": "ho"}\n{"prompt": "only a prompt"}\n')

@@ -371,3 +371,17 @@ def test_prepare_end_to_end(tok, tmp_path):
     assert s.chosen_response_tokens == sum(int(x.chosen_mask[1:].sum()) for x in prepared.samples)
     assert "preference data: 2 records, 2 pairs" in s.lines()[0] and json.dumps(s.as_dict())
     assert np.array_equal(prepared.samples[0].chosen_ids[:3], prepared.samples[0].rejected_ids[:3])
+
+
+def test_pair_batches_cut_padding_and_keep_their_per_pair_entries(tok, template):
+    items = pairs_of(*[(f"q{i}", f"good {i}", "bad " * (i + 1)) for i in range(6)])
+    samples = pref.tokenize_pairs(items, template, pref.PreferenceDataOptions(seq_length=48))
+    ds = pref.PreferenceDataset(samples, 48, tok.pad_id, reference=np.arange(12.0).reshape(6, 2))
+    full, cut = (pref.PreferenceBatchIterator(ds, 2, 0, 1, seed=5, pad_multiple=m) for m in (0, 16))
+    for _ in range(3):
+        a, b = next(full), next(cut)
+        length = b["tokens"].shape[1]
+        assert length % 16 == 0 and length < 48 and int(a["last_index"].max()) < length
+        assert all(torch.equal(b[k], a[k][:, :length] if a[k].dim() == 2 else a[k]) for k in a)
+        assert not a["loss_mask"][:, length:].any()
+    assert sum(cut.take_shapes().values()) == 3

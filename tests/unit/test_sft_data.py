@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -455,3 +456,31 @@ def test_synthetic_instruction_data_is_exact_deterministic_and_disjoint(tmp_path
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert len(sft.load_conversations([str(a[0])], sft.SFTDataOptions())) == 50
 
+
+
+def test_trim_padding_cuts_after_the_longest_row_to_a_multiple():
+    seg = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 2, 2, 2, 0, 0, 0]])
+    batch = {k: torch.arange(16).reshape(2, 8) + i for i, k in enumerate(packing.ROW_KEYS)} | {"segment_ids": seg}
+    batch["last_index"] = torch.tensor([2, 4])
+    cut = packing.trim_padding(batch, 2)  # longest row: 5 tokens -> 6 positions
+    assert all(torch.equal(cut[k], batch[k][:, :6]) for k in packing.ROW_KEYS)
+    assert cut["last_index"] is batch["last_index"]  # per-row entries stay
+    assert packing.trim_padding(batch, 4)["tokens"].shape == (2, 8)  # 5 -> 8: nothing to cut
+    assert packing.trim_padding(batch, 16) is batch  # never longer than the rows
+    assert packing.trim_padding(batch, 1)["tokens"].shape == (2, 5)
+
+
+def test_iterator_cuts_padding_and_counts_what_it_yielded(template):
+    samples = sft.tokenize([conv(i, f"q{i}", "a" * (i + 1)) for i in range(6)], template,
+                           sft.SFTDataOptions(seq_length=64))
+    ds = sft.SFTDataset(samples, 64, pad_id=1, packing=False)
+    full, cut = sft.SFTBatchIterator(ds, 3, 0, 1, seed=3), sft.SFTBatchIterator(ds, 3, 0, 1, seed=3, pad_multiple=8)
+    shapes = []
+    for _ in range(4):
+        a, b = next(full), next(cut)
+        longest = int((a["segment_ids"] > 0).sum(1).max())
+        assert b["tokens"].shape == (3, -(-longest // 8) * 8) and b["tokens"].shape[1] < 64
+        assert all(torch.equal(b[k], a[k][:, :b[k].shape[1]]) for k in a)
+        assert not a["loss_mask"][:, b["tokens"].shape[1]:].any()  # only padding was cut
+        shapes.append(tuple(b["tokens"].shape))
+    assert cut.take_shapes() == Counter(shapes) and not cut.take_shapes() and not full.take_shapes()
