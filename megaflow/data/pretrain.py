@@ -19,6 +19,7 @@ import torch
 from megaflow.config.schema import StageConfig
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError
+from megaflow.runtime import distributed as dist
 
 
 @dataclass
@@ -69,8 +70,10 @@ def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str) -> list[tuple[str, fl
             prefix = str(cache_dir / f"{path.name.split('.')[0]}-{key}")
             # PREFIX.json is written last by preprocess: without it the pair may be half replaced
             if rank0 and not Path(prefix + ".json").is_file():
+                dist.print_rank0(f"data: preprocessing {src.path} -> {prefix}.bin/.idx")
                 preprocess([str(path)], tokenizer_dir, prefix, workers=cfg.data.workers, field=src.field,
-                           split_documents_on=cfg.data.split_documents_on, invalid_utf8=cfg.data.invalid_utf8)
+                           split_documents_on=cfg.data.split_documents_on, invalid_utf8=cfg.data.invalid_utf8,
+                           max_invalid_utf8=cfg.data.max_invalid_utf8)
         out.append((prefix, src.weight))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -84,16 +87,27 @@ def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, n
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    from megaflow.data.splits import SPLIT_NAMES, plan_splits
+
     prefixes = indexed_prefixes(cfg, tokenizer_dir)
-    paths = [p for p, _ in prefixes]
+    cache_dir = Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data")
+    plan = plan_splits([p for p, _ in prefixes], cfg.data.split, cfg.data.seq_length, cache_dir,
+                       write=dist.is_rank0(), names=[src.path for src in cfg.data.train], log=dist.print_rank0)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     weights = [w for _, w in prefixes] if len(prefixes) > 1 else None
+    if plan.per_split is None:
+        blend = dict(blend=(plan.prefixes, weights), split=",".join(str(s) for s in cfg.data.split))
+        paths = plan.prefixes
+    else:
+        blend = dict(blend_per_split=[None if ps is None else (ps, weights) for ps in plan.per_split])
+        paths = plan.per_split[0]
     view = MegatronTokenizerView(tokenizer.vocab_size, tokenizer.eod_id, tokenizer.pad_id, tokenizer.bos_id)
     ds_cfg = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.data.seq_length,
-        blend=(paths, weights),
-        split=",".join(str(s) for s in cfg.data.split),
-        path_to_cache=str(Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data") / "index-cache"),
+        **blend,
+        path_to_cache=str(cache_dir / "index-cache"),
         tokenizer=view,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -101,6 +115,8 @@ def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, n
         create_attention_mask=False,
         mmap_bin_files=True,
     )
+    wanted = ", ".join(f"{name} {n:,}" for name, n, w in zip(SPLIT_NAMES, num_samples, cfg.data.split) if w > 0)
+    dist.print_rank0(f"data: building sample indices ({wanted} samples of {cfg.data.seq_length} tokens)")
     try:
         return (*BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, ds_cfg).build(), paths)
     except AssertionError as e:

@@ -63,3 +63,43 @@ def test_data_parallel_ranks_split_each_global_batch():
     assert seen_single == seen_dp == set(range(8))  # the same eight samples make the first global batch
     resumed = BatchIterator(data, micro_batch_size=4, dp_rank=0, dp_size=1, consumed_samples=8)
     assert next(resumed)["tokens"].flatten().tolist() == [8, 9, 10, 11]
+
+
+def test_too_few_documents_are_split_by_tokens_in_order(corpora):
+    """Three documents and split 90/10: by documents the validation split would get none (and megatron's
+    GPTDataset would loop forever on it); by tokens it gets the corpus' last 10%, and train + valid are
+    the corpus' tokens in order, cut at round(0.9 * T)."""
+    root, a, _, tok = corpora
+    few = root / "few.txt"
+    few.write_text("\n\n".join(("apple banana cherry " * 300).strip() for _ in range(3)))
+    cfg = _cfg(root, [{"path": str(few)}])
+    train, valid, test, sources = build_datasets(cfg, tok, str(root / "tok"), [20, 4, 0])
+    assert len(train) >= 20 and len(valid) >= 4 and test is None
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    whole = IndexedDataset(next((root / "run" / "data").glob("few-*.json")).with_suffix("").as_posix())
+    parts = [IndexedDataset(p) for p in (sources[0], sources[0].replace("-train", "-valid"))]
+    original = np.concatenate([whole[i] for i in range(len(whole))])
+    pieces = [np.concatenate([ds[i] for i in range(len(ds))]) for ds in parts]
+    assert len(whole) == 3 and len(pieces[0]) == round(0.9 * len(original))
+    assert np.array_equal(np.concatenate(pieces), original)
+
+
+def test_a_split_smaller_than_one_sample_is_one_clear_error(corpora):
+    from megaflow.errors import DataError
+
+    root, _, _, tok = corpora
+    tiny = root / "tiny.txt"
+    tiny.write_text("apple banana cherry " * 40)  # ~120 tokens: 5% of it is less than one sample of 33
+    with pytest.raises(DataError, match=r"tiny.txt: its valid split .* would hold \d+ of its \d+ tokens, fewer than "
+                                        r"one sample \(data.seq_length \+ 1 = 33\)"):
+        build_datasets(_cfg(root, [{"path": str(tiny)}], split=(95, 5, 0)), tok, str(root / "tok"), [20, 4, 0])
+
+
+def test_document_and_token_bounds_follow_megatron():
+    from megaflow.data.splits import bounds, split_matrix, tokens_by_documents
+
+    matrix = split_matrix([95, 5, 0])
+    assert matrix[2] is None and bounds(3, matrix)[:2] == [(0, 3), (3, 3)]
+    assert tokens_by_documents(np.array([10, 20, 30]), matrix)[:2] == [60, 0]
+    assert bounds(1000, matrix)[:2] == [(0, 950), (950, 1000)]
