@@ -18,7 +18,7 @@ from megaflow.config.loader import validate
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
-from megaflow.training import checkpoint, stage
+from megaflow.training import checkpoint, manifest, stage
 from megaflow.training.engine import build_model, data_parallel_rank_and_size, evaluate
 from megaflow.training.lm import LanguageModelTask
 
@@ -74,6 +74,7 @@ def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | No
                         max_batches: int | None = None, quiet: bool = False) -> dict:
     """Loss and perplexity of the weights in `ckpt` (a final/ directory) on `data` or its validation split."""
     meta = checkpoint.read_meta(ckpt)
+    manifest.require_intact(ckpt)  # before any data is built
     cfg = _stage_config(meta, seq_length, batch_size)
     tokenizer = Tokenizer.load(str(Path(ckpt) / meta.get("tokenizer", "tokenizer")))
     stage.setup_runtime(cfg)

@@ -215,10 +215,11 @@ def load_for_inference(ckpt: str | Path, tp: int = 1, pp: int = 1, precision: st
     state when that has not been done; the world may hold several data-parallel replicas, each generating
     on its own prompts. `precision` defaults to the checkpoint's (fp8 runs as bf16)."""
     from megaflow.config.loader import validate
-    from megaflow.training import checkpoint
+    from megaflow.training import checkpoint, manifest
 
     path = Path(ckpt)
     meta = checkpoint.read_meta(path)
+    manifest.require_intact(path)  # before megatron is set up: one line naming a damaged file
     if "model" not in meta or "padded_vocab_size" not in meta:
         raise UserError(f"{path}: megaflow.json lacks the model config (not a final checkpoint?)")
     precision = precision or meta.get("precision", "fp32")

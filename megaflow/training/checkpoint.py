@@ -23,7 +23,7 @@ import torch
 
 from megaflow.errors import UserError
 from megaflow.models.gpt import unwrap
-from megaflow.training import safe_pickle
+from megaflow.training import manifest, safe_pickle
 
 FORMAT = "megaflow/1"
 META_FILE = "megaflow.json"
@@ -227,8 +227,6 @@ def finalize_saves(async_queue, blocking: bool = False) -> int:
 
 def _publish(tmp: Path, final: Path, ckpt_root: Path, meta: dict, keep: int) -> None:
     """Rank 0, once every rank's files are written: metadata, manifest, rename, `latest`, pruning."""
-    from megaflow.training import manifest
-
     (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "kind": "training", **meta}, indent=2) + "\n")
     manifest.write_manifest(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -242,8 +240,6 @@ def _publish(tmp: Path, final: Path, ckpt_root: Path, meta: dict, keep: int) -> 
 def find_resumable(ckpt_root: Path, warn=print) -> Path | None:
     """The newest checkpoint whose manifest checks out, starting at `latest`; a corrupt one is skipped with
     a warning naming the bad file. Decided on rank 0 and shared, so every rank loads the same one."""
-    from megaflow.training import manifest
-
     choice = [None]
     if _rank() == 0:
         candidates = complete_checkpoints(ckpt_root)
@@ -356,8 +352,6 @@ def save_final(final_dir: Path, model_chunks, meta: dict, tokenizer=None) -> Pat
     """Weights-only checkpoint plus megaflow.json (model config, tokenizer, parents) and the tokenizer."""
     from megatron.core import dist_checkpointing
 
-    from megaflow.training import manifest
-
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,7 +377,13 @@ def read_meta(ckpt: str | Path) -> dict:
     meta = path / META_FILE
     if not meta.is_file():
         raise UserError(f"{path}: not a megaflow checkpoint (no {META_FILE})")
-    return json.loads(meta.read_text())
+    try:
+        loaded = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{meta}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{meta}: expected a JSON object")
+    return loaded
 
 
 OUTPUT_LAYER = "output_layer."
@@ -393,13 +393,23 @@ def load_weights(ckpt: str | Path, model_chunks, skip_output_layer: bool = False
     """Load the weights of a final checkpoint (any TP/PP layout) into freshly built model chunks.
     `skip_output_layer` keeps the model's own output layer: a reward model starting from a language
     model's weights keeps its freshly initialised scalar head."""
-    from megatron.core import dist_checkpointing
+    import pickle
 
-    safe_pickle.install()
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
     path = Path(ckpt)
+    manifest.require_intact(path)
+    safe_pickle.install()
     weights = path / "weights" if (path / "weights").is_dir() else path
     wanted = model_sharded_state_dict(model_chunks, weights_only=True)
     if skip_output_layer:
         wanted = {key: {k: v for k, v in sd.items() if not k.startswith(OUTPUT_LAYER)} for key, sd in wanted.items()}
-    loaded = dist_checkpointing.load(wanted, str(weights))
+    try:
+        loaded = dist_checkpointing.load(wanted, str(weights))
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, CheckpointException) as e:
+        # past the manifest (sizes only, or a checkpoint damaged before its manifest was written)
+        reason = next((line for line in str(e).splitlines() if "Error" in line), str(e).splitlines()[0])
+        raise UserError(f"{weights}: cannot read the weights ({reason.strip()[:300]}); the checkpoint may be "
+                        f"damaged: `megaflow inspect {path}` checks it") from None
     _load_model_state(model_chunks, loaded, OUTPUT_LAYER if skip_output_layer else None)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from megaflow.errors import RunFailed, UserError
+from megaflow.training import manifest
 
 HF_PREFIX = "hf:"
 _SMALL = 64 << 20  # files up to this size are hashed whole
@@ -57,6 +58,10 @@ def check_spec(spec: str, model=None) -> None:
         meta_file = Path(spec) / "megaflow.json"
         if not meta_file.is_file():
             raise UserError(f"init_from: not a megaflow checkpoint (no megaflow.json) nor hf:PATH: {spec}")
+        try:
+            manifest.require_intact(spec)
+        except UserError as e:
+            raise UserError(f"init_from: {e}") from None
         try:
             theirs = ModelConfig(**json.loads(meta_file.read_text())["model"])
         except (KeyError, TypeError, ValueError):

@@ -11,6 +11,8 @@ import os
 import zlib
 from pathlib import Path
 
+from megaflow.errors import UserError
+
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 24
 
@@ -70,3 +72,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+NO_CHECKSUMS = "MEGAFLOW_NO_CHECKSUMS"  # set to 1 (or pass --no-checksums) to check sizes only
+_verified: set[tuple[str, bool]] = set()
+
+
+def require_intact(ckpt: str | Path) -> None:
+    """Refuse a damaged checkpoint before loading it, in one line naming the file: every file its manifest
+    lists must be there with its size and (unless MEGAFLOW_NO_CHECKSUMS=1) its CRC-32. The checksums are
+    read by the first process of each node only (the others check sizes), and once per process."""
+    path = Path(ckpt)
+    first_on_node = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
+    checksums = first_on_node and os.environ.get(NO_CHECKSUMS, "0") in ("", "0")
+    key = (str(path.resolve()), checksums)
+    if key in _verified:
+        return
+    problem = verify(path, checksums=checksums)
+    if problem is not None:
+        raise UserError(f"damaged checkpoint: {problem}; `megaflow inspect {path}` shows its state")
+    _verified.add(key)
