@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from megaflow.errors import RunFailed, UserError
 
@@ -20,6 +21,12 @@ def _add_launch(p: argparse.ArgumentParser) -> None:
         "--nproc-per-node", type=int, default=None, metavar="N",
         help="start N processes on this node under torch.distributed.run (torchrun and srun need no flag)",
     )
+
+
+def _add_no_checksums(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-checksums", action="store_true",
+                   help="check the sizes of a checkpoint's files only, not their CRC-32 (fast on large "
+                        "checkpoints; the same as MEGAFLOW_NO_CHECKSUMS=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides, anywhere on the line, e.g. train.steps=50 parallel.tp=2")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     _add_launch(p)
+    _add_no_checksums(p)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
@@ -62,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how plain text files are split into documents (default: at blank lines)")
     p.add_argument("--invalid-utf8", choices=("replace", "error"), default="replace",
                    help="replace undecodable bytes with U+FFFD and count them (default), or stop with an error")
+    p.add_argument("--max-invalid-utf8", type=float, default=0.01, metavar="FRACTION",
+                   help="refuse a file whose invalid UTF-8 sequences and NUL bytes pass this share of its bytes "
+                        "(a binary file or another encoding; default: 0.01, 1 accepts anything)")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Evaluate a final or training checkpoint on a text file or indexed dataset.")
@@ -81,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: at most N documents per task; exact_match: the first N examples")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="lm-eval: few-shot examples")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    _add_no_checksums(p)
     p = sub.add_parser("score", help="score responses with a reward model",
                        description="The reward of each response to one user turn: the reward model's value at the "
                                    "last token of the chat-rendered prompt and response (a checkpoint of "
@@ -91,13 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a response to score (repeat for several)")
     p.add_argument("--system", default=None, help="an optional system message")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    _add_no_checksums(p)
     p = sub.add_parser("inspect", help="show what a checkpoint holds and whether it is complete",
                        description="Stage, step, tokens seen, model config, tokenizer, parallel layout at save time, "
                                    "sizes, parents, and completeness (every file checked against the manifest's "
                                    "sizes and CRC-32). Accepts a checkpoint, or a stage directory (its final/, else latest).")
     p.add_argument("ckpt")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
-    p.add_argument("--no-checksums", action="store_true", help="check sizes only (fast on large checkpoints)")
+    _add_no_checksums(p)
 
     p = sub.add_parser("convert", help="convert between Hugging Face and megaflow checkpoints",
                        description="Hugging Face <-> megaflow checkpoints (Llama 1/2/3/3.1, Mistral, Qwen2, GPT-2). "
@@ -123,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest allowed max |logit difference| for --verify (default: 1e-3)")
         c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         c.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+        _add_no_checksums(c)
 
     p = sub.add_parser(
         "plan", help="parameters, memory per GPU and compute budget of a config, from formulas",
@@ -181,20 +195,31 @@ def _cmd_train(args) -> int:
 
         print(dump_config(cfg), end="")
         return 0
+    from megaflow.runtime.distributed import check_machine
+
+    try:
+        check_machine(cfg.precision, cfg.parallel.cp)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.nproc_per_node and args.nproc_per_node > 1 and "RANK" not in os.environ:
         try:
             cfg.check_layout(args.nproc_per_node)  # one clear line here rather than one per rank
         except ValueError as e:
             raise UserError(f"--nproc-per-node {args.nproc_per_node}: {e}") from None
-        if cfg.parallel.cp > 1:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UserError("parallel.cp > 1 needs GPUs: megatron's local (CPU) attention has no context parallelism")
         return _relaunch(args.nproc_per_node)
     import importlib
 
-    importlib.import_module(f"megaflow.algorithms.{args.stage}").main(cfg)
+    from megaflow.training import stage
+
+    run_dir, rank0 = Path(cfg.run.dir), os.environ.get("RANK", "0") == "0"
+    before = stage.run_dir_entries(run_dir) if rank0 else set()
+    try:
+        importlib.import_module(f"megaflow.algorithms.{args.stage}").main(cfg)
+    except UserError as e:
+        if rank0 and (left := stage.tidy_after_error(run_dir, before, args.stage)):
+            print(f"megaflow: note: kept what the stage made before the error, reused by the next run: "
+                  f"{', '.join(map(str, left))}", file=sys.stderr)
+        raise
     return 0
 
 
@@ -212,6 +237,7 @@ def _cmd_preprocess(args) -> int:
     stats = preprocess(
         args.input, args.tokenizer, args.output, workers=args.workers, field=args.field,
         split_documents_on=args.split_documents, invalid_utf8=args.invalid_utf8,
+        max_invalid_utf8=args.max_invalid_utf8,
     )
     print(stats.summary())
     return 0
@@ -311,6 +337,7 @@ def _add_inference_commands(sub) -> None:
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (with --nproc-per-node or torchrun)")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (with --nproc-per-node or torchrun)")
         _add_launch(p)
+        _add_no_checksums(p)
 
     p = sub.add_parser("generate", help="complete prompts with a checkpoint (KV-cache sampling)",
                        description="Complete one or more prompts (one batch) with a final checkpoint. Prints the "
@@ -440,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *rest]
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "no_checksums", False):  # read by every checkpoint loader, and by relaunched ranks
+        from megaflow.training.manifest import NO_CHECKSUMS
+
+        os.environ[NO_CHECKSUMS] = "1"
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

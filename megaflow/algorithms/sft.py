@@ -17,6 +17,7 @@ import torch
 from megaflow.config import StageConfig
 from megaflow.config.schema import ModelConfig
 from megaflow.data import packing, sft
+from megaflow.data.records import files_key
 from megaflow.errors import UserError
 from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
@@ -72,7 +73,8 @@ def prepare_data(cfg: StageConfig, tokenizer):
     opts = _options(cfg)
     prepared = sft.prepare([src.path for src in cfg.data.train], tokenizer, opts)
     if cfg.data.sft.valid:
-        held_out = sft.tokenize(sft.load_conversations(cfg.data.sft.valid, opts), prepared.template, opts)
+        held_out = sft.tokenize(sft.load_conversations(cfg.data.sft.valid, opts), prepared.template, opts,
+                                source=files_key("data.sft.valid", cfg.data.sft.valid))
         return prepared, prepared.samples, held_out
     train, held_out = sft.split_holdout(prepared.samples, cfg.data.sft.valid_fraction, cfg.train.seed)
     return prepared, train, held_out

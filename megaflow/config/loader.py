@@ -78,10 +78,18 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.steps=50)")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"override: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]) from None
+        if not all(part.strip() for part in item.split("=", 1)[0].split(".")):
+            raise ConfigError(f"override {item!r}: the key has an empty part (expected dotted names, e.g. train.steps)")
+    merged = OmegaConf.create({})
+    for item in overrides:  # one at a time, so that an error names its override
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as e:  # OmegaConf reads each value as YAML: `data.train=[{path: x`
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})"
+                              .splitlines()[0]) from None
+        except (OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(f"override {item!r}: {getattr(e, 'msg', None) or e}".splitlines()[0]) from None
+    return merged
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -47,7 +47,8 @@ import torch
 
 from megaflow.data.chat import ChatTemplate, _common_prefix
 from megaflow.data.readers import _LONE_SURROGATE
-from megaflow.data.records import DataSummary, InvalidRecord, Prepared, RecordOptions, load_valid, prepare_with
+from megaflow.data.records import (DataSummary, InvalidRecord, Prepared, RecordOptions, files_key, load_valid,
+                                   prepare_with)
 from megaflow.data.sft import SFTBatchIterator, _messages
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError
@@ -297,9 +298,10 @@ def encode_response(template: ChatTemplate, prompt: list[dict], response: str) -
 
 
 def tokenize_pairs(pairs: Iterable[PreferencePair], template: ChatTemplate, opts: PreferenceDataOptions,
-                   summary: PreferenceDataSummary | None = None) -> list[PreferenceSample]:
+                   summary: PreferenceDataSummary | None = None, source: str = "preference data") -> list[PreferenceSample]:
     """Token ids and response masks of both sides of every pair, at most `opts.seq_length` tokens each,
-    over-long pairs handled by `opts.truncation` (see the module docstring)."""
+    over-long pairs handled by `opts.truncation` (see the module docstring). None usable is a DataError
+    naming `source` (the config key and its files)."""
     summary = summary if summary is not None else PreferenceDataSummary()
     limit, samples = opts.seq_length, []
     for pair in pairs:
@@ -337,7 +339,7 @@ def tokenize_pairs(pairs: Iterable[PreferencePair], template: ChatTemplate, opts
         summary.rejected_response_tokens += int(r_mask[1:].sum())
         summary.longest = max(summary.longest, len(c_ids), len(r_ids))
     if not samples:
-        raise DataError("preference data: no usable pairs" +
+        raise DataError(f"{source}: no usable pairs" +
                         (f" ({'; '.join(summary.lines()[1:])})" if summary.skipped else ""))
     return samples
 
@@ -353,7 +355,7 @@ PreparedPreference = Prepared[PreferenceSample]
 def prepare(paths: Sequence[str], tokenizer: Tokenizer, opts: PreferenceDataOptions) -> PreparedPreference:
     """Read, validate and tokenize preference files: chat template chosen by `opts.chat_template`."""
     return prepare_with(tokenizer, opts.chat_template, PreferenceDataSummary(), lambda template, summary: (
-        tokenize_pairs(load_pairs(paths, opts, summary), template, opts, summary)))
+        tokenize_pairs(load_pairs(paths, opts, summary), template, opts, summary, files_key("data.train", paths))))
 
 
 # --- samples -> rows -> batches -----------------------------------------------------------------

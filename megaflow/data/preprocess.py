@@ -38,12 +38,14 @@ class PreprocessStats:
     tokens: int = 0  # tokens written to PREFIX.bin, one eod per document included
     files: int = 0
     invalid_utf8_replaced: int = 0
+    nul_bytes: int = 0
     seconds: float = 0.0
     output_prefix: str = ""
 
     def summary(self) -> str:
         return (f"preprocessed {self.files} file(s): {self.documents:,} documents, {self.tokens:,} tokens, "
-                f"{self.invalid_utf8_replaced:,} invalid UTF-8 sequences replaced -> "
+                f"{self.invalid_utf8_replaced:,} invalid UTF-8 sequences replaced"
+                + (f", {self.nul_bytes:,} NUL bytes" if self.nul_bytes else "") + " -> "
                 f"{self.output_prefix}.bin/.idx in {self.seconds:.1f}s")
 
 
@@ -56,9 +58,12 @@ def preprocess(
     split_documents_on: str = "blank_line",
     invalid_utf8: str = "replace",
     progress: bool | None = None,
+    max_invalid_utf8: float = 0.01,
 ) -> PreprocessStats:
     """Write every document of `inputs`, tokenized and followed by eod, as one item of PREFIX.bin/.idx.
 
+    A file whose invalid UTF-8 sequences and NUL bytes pass `max_invalid_utf8` of its bytes is not text
+    (a binary file, another encoding) and is refused; below that, replacements are warned about.
     `progress=None` shows a progress bar on stderr only when it is a terminal.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # ~5 s; not in workers
@@ -79,7 +84,7 @@ def preprocess(
     try:
         bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True, unit_divisor=1024,
                    desc="preprocess", file=sys.stderr, disable=None if progress is None else not progress)
-        chunks = _chunks(inputs, read_options, stats)
+        chunks = _chunks(inputs, read_options, stats, max_invalid_utf8)
         with bar, contextlib.closing(_encode_chunks(chunks, tokenizer, workers)) as encoded:
             for tokens, lengths, bytes_read in encoded:
                 start = 0
@@ -142,7 +147,21 @@ def _check_inputs(inputs: list[str]) -> None:
             raise DataError(f"input file not found: {path}")
 
 
-def _chunks(inputs: list[str], read_options: dict, stats: PreprocessStats) -> Iterator[tuple[list[str], int]]:
+def _check_text(path: str, read: ReadStats, max_fraction: float, final: bool) -> None:
+    """Refuse a file once its invalid UTF-8 sequences and NUL bytes pass `max_fraction` of its size;
+    at its end, warn about any that stayed below."""
+    bad, size = read.invalid_utf8_replaced + read.nul_bytes, max(os.path.getsize(path), 1)
+    if bad > max_fraction * size:
+        raise DataError(f"{path}: not UTF-8 text (a binary file, or another encoding?): {read.invalid_utf8_replaced:,} invalid UTF-8 sequences and "
+                        f"{read.nul_bytes:,} NUL bytes{'' if final else ' so far'} in {size:,} bytes, over "
+                        f"the limit of {max_fraction:.2%} (data.max_invalid_utf8, --max-invalid-utf8)")
+    if final and bad:
+        print(f"megaflow: warning: {path}: {read.invalid_utf8_replaced:,} invalid UTF-8 sequences replaced with "
+              f"U+FFFD, {read.nul_bytes:,} NUL bytes kept", file=sys.stderr)
+
+
+def _chunks(inputs: list[str], read_options: dict, stats: PreprocessStats,
+            max_invalid_utf8: float = 1.0) -> Iterator[tuple[list[str], int]]:
     """Yield (documents, input bytes read so far) in input order; count files, documents and replacements."""
     bytes_before = 0
     for path in inputs:
@@ -152,8 +171,10 @@ def _chunks(inputs: list[str], read_options: dict, stats: PreprocessStats) -> It
             chunk.append(document)
             chars += len(document)
             if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCUMENTS:
+                _check_text(path, read, max_invalid_utf8, final=False)
                 yield chunk, bytes_before + read.bytes_read
                 chunk, chars = [], 0
+        _check_text(path, read, max_invalid_utf8, final=True)
         if read.documents == 0:
             raise DataError(f"{path}: no documents (empty corpus)")
         bytes_before += os.path.getsize(path)
@@ -162,6 +183,7 @@ def _chunks(inputs: list[str], read_options: dict, stats: PreprocessStats) -> It
         stats.files += 1
         stats.documents += read.documents
         stats.invalid_utf8_replaced += read.invalid_utf8_replaced
+        stats.nul_bytes += read.nul_bytes
 
 
 def _encode(tokenizer: Tokenizer, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ class ReadStats:
 
     documents: int = 0
     invalid_utf8_replaced: int = 0  # undecodable byte sequences replaced with U+FFFD
+    nul_bytes: int = 0  # text has none; a binary file has many
     bytes_read: int = 0  # position in the file on disk, for progress bars
 
 
@@ -92,6 +93,7 @@ def _decoded_lines(path, invalid_utf8: str, stats: ReadStats) -> Iterator[tuple[
 
 
 def _decode(data: bytes, where: str, invalid_utf8: str, stats: ReadStats) -> str:
+    stats.nul_bytes += data.count(0)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

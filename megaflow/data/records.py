@@ -89,6 +89,11 @@ class DataSummary:
         return out
 
 
+def files_key(key: str, paths: Sequence[str]) -> str:
+    """How an error names a config key and the files it gave: `data.sft.valid (a.jsonl, b.jsonl)`."""
+    return f"{key} ({', '.join(map(str, paths))})"
+
+
 def load_valid(paths: Sequence[str], invalid_utf8: str, allow_skip: bool, summary: DataSummary,
                to_item: Callable[[dict, str], Item]) -> list[Item]:
     """`to_item(record, where)` of every record of the files (jsonl, jsonl.gz, parquet, datasets

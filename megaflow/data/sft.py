@@ -29,7 +29,8 @@ import torch
 from megaflow.data.chat import ROLES, ChatTemplate
 from megaflow.data.packing import build_row, pack, trim_padding
 from megaflow.data.readers import _LONE_SURROGATE
-from megaflow.data.records import DataSummary, InvalidRecord, Prepared, RecordOptions, load_valid, prepare_with
+from megaflow.data.records import (DataSummary, InvalidRecord, Prepared, RecordOptions, files_key, load_valid,
+                                   prepare_with)
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError
 
@@ -187,9 +188,10 @@ def load_conversations(paths: Sequence[str], opts: SFTDataOptions, summary: SFTD
 
 
 def tokenize(conversations: Iterable[Conversation], template: ChatTemplate, opts: SFTDataOptions,
-             summary: SFTDataSummary | None = None) -> list[Sample]:
+             summary: SFTDataSummary | None = None, source: str = "SFT data") -> list[Sample]:
     """Token ids and loss-target masks, over-long samples handled by `opts.truncation`. A sample holds
-    at most seq_length + 1 tokens: its inputs and labels are the seq_length-long shifts of them."""
+    at most seq_length + 1 tokens: its inputs and labels are the seq_length-long shifts of them. None
+    usable is a DataError naming `source` (the config key and its files)."""
     summary = summary if summary is not None else SFTDataSummary()
     limit, samples = opts.seq_length + 1, []
     for conv in conversations:
@@ -222,15 +224,16 @@ def tokenize(conversations: Iterable[Conversation], template: ChatTemplate, opts
         summary.loss_tokens += int(mask[1:].sum())
         summary.longest = max(summary.longest, len(ids))
     if not samples:
-        raise DataError("SFT data: no usable samples" + (f" ({'; '.join(summary.lines()[1:])})" if summary.skipped else ""))
+        raise DataError(f"{source}: no usable samples" + (f" ({'; '.join(summary.lines()[1:])})" if summary.skipped else ""))
     return samples
 
 
 def split_holdout(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held out): a seeded random `fraction` of the samples held out, order kept within each."""
+    """(train, held out): a seeded random `fraction` of the samples held out, order kept within each; at
+    least one held out when the fraction is positive, and at least one always left to train on."""
     n_out = int(round(len(samples) * fraction))
-    if fraction > 0 and n_out == 0 and len(samples) > 1:
-        n_out = 1
+    if fraction > 0:
+        n_out = min(max(n_out, 1), len(samples) - 1)
     out = set(np.random.default_rng(seed).permutation(len(samples))[:n_out].tolist())
     return [s for i, s in enumerate(samples) if i not in out], [s for i, s in enumerate(samples) if i in out]
 
@@ -247,7 +250,7 @@ PreparedSFT = Prepared[Sample]
 def prepare(paths: Sequence[str], tokenizer: Tokenizer, opts: SFTDataOptions) -> PreparedSFT:
     """Read, validate and tokenize SFT files: chat template chosen by `opts.chat_template`."""
     return prepare_with(tokenizer, opts.chat_template, SFTDataSummary(), lambda template, summary: tokenize(
-        load_conversations(paths, opts, summary), template, opts, summary))
+        load_conversations(paths, opts, summary), template, opts, summary, source=files_key("data.train", paths)))
 
 
 # --- samples -> rows -> batches -----------------------------------------------------------------

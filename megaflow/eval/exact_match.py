@@ -47,6 +47,8 @@ def examples_from_file(path: str, tokenizer, opts) -> tuple[object, list[tuple[l
     tokenizer, source, _ = chat_tokenizer(tokenizer, opts.chat_template)
     conversations = load_conversations([path], opts)
     examples = [(c.messages[:-1], c.messages[-1]["content"]) for c in conversations if c.messages[-1]["role"] == "assistant"]
+    if not examples:
+        raise UserError(f"--data {path}: no examples (records whose last turn is the assistant's answer)")
     return ChatTemplate(tokenizer, source), examples
 
 

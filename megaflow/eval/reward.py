@@ -44,7 +44,7 @@ def evaluate_reward_accuracy(ckpt: str, data: str, batch_size: int = 16, limit: 
     model = load_for_inference(ckpt)
     opts = _options(ckpt, model.max_sequence_length)
     pairs = load_pairs([data], opts)
-    samples = tokenize_pairs(pairs[:limit] if limit else pairs, _template(model, opts), opts)
+    samples = tokenize_pairs(pairs[:limit] if limit else pairs, _template(model, opts), opts, source=f"--data {data}")
     r_c = torch.tensor(rewards(model, [s.chosen_ids for s in samples], batch_size))
     r_r = torch.tensor(rewards(model, [s.rejected_ids for s in samples], batch_size))
     metrics = {k.replace("reward/", "reward_"): float(v) for k, v in reward_metrics(r_c, r_r).items()}

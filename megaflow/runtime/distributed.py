@@ -93,6 +93,17 @@ def set_seeds(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def check_machine(precision: str, cp: int = 1) -> None:
+    """What this machine cannot run, as one ValueError naming the key: before anything is written."""
+    import importlib.util
+
+    if precision == "fp8" and not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")):
+        raise ValueError("precision=fp8 needs Transformer Engine on a GPU (this machine has "
+                         f"{'no GPU' if not torch.cuda.is_available() else 'no transformer_engine'}): use bf16 or fp32")
+    if cp > 1 and not torch.cuda.is_available():
+        raise ValueError("parallel.cp > 1 needs GPUs: megatron's local (CPU) attention has no context parallelism")
+
+
 def setup(tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1, seed: int = 1234) -> DistEnv:
     """Everything before model construction: process group, megatron parallel_state, seeds."""
     from megatron.core import parallel_state

@@ -18,6 +18,7 @@ import torch
 from megaflow.config import StageConfig
 from megaflow.config.schema import ModelConfig
 from megaflow.data import preference
+from megaflow.data.records import files_key
 from megaflow.data.sft import split_holdout
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import UserError
@@ -74,7 +75,8 @@ def start(cfg: StageConfig) -> Start:
     prepared = preference.prepare([src.path for src in cfg.data.train], base_tokenizer, opts)
     if cfg.data.preference.valid:
         held_out = preference.tokenize_pairs(preference.load_pairs(cfg.data.preference.valid, opts),
-                                             prepared.template, opts)
+                                             prepared.template, opts,
+                                             source=files_key("data.preference.valid", cfg.data.preference.valid))
         train = prepared.samples
     else:
         train, held_out = split_holdout(prepared.samples, cfg.data.preference.valid_fraction, cfg.train.seed)

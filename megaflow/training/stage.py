@@ -3,6 +3,7 @@ config, the tokenizer (trained on first use when the config asks for it), and th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,6 +50,29 @@ def ensure_tokenizer(cfg: StageConfig) -> tuple[Tokenizer, str]:
 def model_vocab_size(cfg: StageConfig, tokenizer: Tokenizer) -> int:
     """The tokenizer defines the vocabulary; megatron pads it so TP shards are equal."""
     return padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
+
+
+def run_dir_entries(run_dir: Path) -> set[Path]:
+    """What a run directory holds, two levels deep (enough to tell what a failed stage added)."""
+    if not run_dir.is_dir():
+        return set()
+    top = list(run_dir.iterdir())
+    return {run_dir, *top, *(q for p in top if p.is_dir() for q in p.iterdir())}
+
+
+def tidy_after_error(run_dir: Path, before: set[Path], stage_name: str) -> list[Path]:
+    """After a user error: remove the directories the failed stage created that hold nothing, and its new
+    stage directory if it holds no more than the resolved config; return what else it added (a trained
+    tokenizer, preprocessed data: valid, and reused by the next run) for the error to name."""
+    run_dir = Path(run_dir)
+    new = sorted(run_dir_entries(run_dir) - before, key=lambda p: len(p.parts), reverse=True)
+    for p in new:  # deepest first, so a directory emptied here goes too
+        if p == run_dir / stage_name and p.is_dir() and {q.name for q in p.iterdir()} <= {"config.yaml"}:
+            shutil.rmtree(p)
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+    left = [p for p in new if p.exists() and p != run_dir]
+    return sorted(p for p in left if p.parent not in left)
 
 
 def write_resolved_config(cfg: StageConfig) -> Path:

@@ -174,9 +174,13 @@ def test_a_failed_run_keeps_the_previous_dataset(corpus, tokenizer_dir, tmp_path
 
 def test_invalid_utf8_policy_in_preprocess(tokenizer_dir, tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"good\n\nbad \xff here\n\xc3(\n")
-    stats = preprocess([str(tmp_path / "bad.txt")], tokenizer_dir, str(tmp_path / "out"))
+    stats = preprocess([str(tmp_path / "bad.txt")], tokenizer_dir, str(tmp_path / "out"), max_invalid_utf8=1.0)
     assert (stats.documents, stats.invalid_utf8_replaced) == (2, 2)
     assert "2 invalid UTF-8" in stats.summary()
+    with pytest.raises(DataError, match=r"bad\.txt: not UTF-8 text .*2 invalid UTF-8 sequences and 0 NUL bytes in 20 "
+                                        r"bytes, over the limit of 1\.00%"):  # the default
+        preprocess([str(tmp_path / "bad.txt")], tokenizer_dir, str(tmp_path / "default"))
+    assert not any(p.name.startswith("default") for p in tmp_path.iterdir())
     with pytest.raises(DataError, match=r"bad\.txt:3: invalid UTF-8"):
         preprocess([str(tmp_path / "bad.txt")], tokenizer_dir, str(tmp_path / "strict"), invalid_utf8="error")
     assert not any(p.name.startswith("strict") for p in tmp_path.iterdir())

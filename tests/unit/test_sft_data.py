@@ -484,3 +484,9 @@ def test_iterator_cuts_padding_and_counts_what_it_yielded(template):
         assert not a["loss_mask"][:, b["tokens"].shape[1]:].any()  # only padding was cut
         shapes.append(tuple(b["tokens"].shape))
     assert cut.take_shapes() == Counter(shapes) and not cut.take_shapes() and not full.take_shapes()
+
+
+def test_holdout_leaves_something_to_train_on_and_holds_one_out():
+    assert sft.split_holdout([1, 2], 0.9, seed=5)[0] and len(sft.split_holdout([1, 2], 0.9, seed=5)[1]) == 1
+    assert sft.split_holdout([1], 0.5, seed=5) == ([1], [])
+    assert len(sft.split_holdout(list(range(30)), 0.01, seed=5)[1]) == 1
