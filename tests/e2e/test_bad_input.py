@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
+import random
+
 import pytest
 
-from tests.conftest import TEST_CONFIG, run_megaflow
+from tests.conftest import SAMPLE, TEST_CONFIG, run_megaflow
 
 
 def _fails_cleanly(proc, *needles):
@@ -86,16 +90,133 @@ def test_invalid_utf8_is_refused_when_asked(tmp_path, tokenizer_dir):
     assert "UTF-8" in line
 
 
-def test_invalid_utf8_is_replaced_and_counted_by_default(tmp_path, tokenizer_dir):
+def test_invalid_utf8_is_replaced_counted_and_warned_about_by_default(tmp_path, tokenizer_dir):
     bad = tmp_path / "latin1.txt"
-    bad.write_bytes(b"caf\xe9\n\nna\xefve \xff\n")
+    bad.write_bytes(SAMPLE.read_bytes()[:1000] + b"\n\ncaf\xe9\n\nna\xefve \xff\n")  # 3 bad of ~1 kB: under 1%
     proc = run_megaflow("preprocess", "--input", str(bad), "--tokenizer", str(tokenizer_dir),
                         "--output", str(tmp_path / "ds" / "latin1"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "3 invalid UTF-8" in proc.stdout or "invalid_utf8_replaced=3" in proc.stdout, proc.stdout
+    assert "3 invalid UTF-8" in proc.stdout, proc.stdout
+    assert "megaflow: warning: " + str(bad) + ": 3 invalid UTF-8 sequences replaced" in proc.stderr, proc.stderr
+
+
+def _binary_file(path, size=200_000):
+    path.write_bytes(random.Random(0).randbytes(size))  # ~40% invalid UTF-8, some NUL bytes: 4 "documents"
+    return path
+
+
+def test_a_binary_file_is_refused_naming_it(tmp_path, tokenizer_dir):
+    blob = _binary_file(tmp_path / "blob.bin")
+    line = _fails_cleanly(_train_on(tmp_path, blob, tokenizer_dir), str(blob), "not UTF-8 text", "NUL bytes",
+                          "data.max_invalid_utf8")
+    assert "over the limit of 1.00%" in line
+    assert not (tmp_path / "out").exists()  # run.dir as it was: the empty cache directory went too
+    proc = run_megaflow("preprocess", "--input", str(blob), "--tokenizer", str(tokenizer_dir), "--output",
+                        str(tmp_path / "ds" / "blob"), "--max-invalid-utf8", "1", cwd=tmp_path)
+    assert proc.returncode == 0 and "NUL bytes" in proc.stdout and "warning" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_corpus_of_three_documents_trains_split_by_tokens(tmp_path, tokenizer_dir):
+    """Without blank lines a text is one document; three of them left megatron's validation split without
+    a document, and its dataset builder spun forever. Now the split is by tokens, in bounded time."""
+    lines = [line for line in SAMPLE.read_text().splitlines() if line.strip()]
+    third = len(lines) // 3
+    few = tmp_path / "few.txt"
+    few.write_text("\n\n".join("\n".join(lines[i * third:(i + 1) * third]) for i in range(3)) + "\n")
+    proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), f"data.train=[{{path: {few}}}]",
+                        f"tokenizer.path={tokenizer_dir}", "run.dir=out", "train.steps=3", "train.warmup_steps=0",
+                        "eval.every=0", cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "has 3 document(s), too few to split by documents" in proc.stdout
+    result = json.loads((tmp_path / "out" / "pretrain" / "eval.json").read_text())
+    assert result["step"] == 3 and math.isfinite(result["valid_loss"]) and result["valid_tokens"] > 0
+
+
+def test_a_corpus_smaller_than_one_sample_is_one_line(tmp_path, tokenizer_dir):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("To be, or not to be.\n")
+    proc = _train_on(tmp_path, tiny, tokenizer_dir)
+    line = _fails_cleanly(proc, str(tiny), "fewer than one sample", "data.seq_length + 1 = 65")
+    assert "data.split" in line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data"]  # the preprocessed corpus, named:
+    assert "megaflow: note: kept what the stage made before the error, reused by the next run: out/data" in proc.stderr
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.train=[{path: x", "the value is not valid YAML"),
+    ("train.steps={a: [}", "the value is not valid YAML"),
+    ('run.name="unterminated', "the value is not valid YAML"),
+    ("x=${", "override 'x=${'"),
+    (".x=1", "the key has an empty part"),
+    ("train..steps=1", "the key has an empty part"),
+])
+def test_malformed_override_is_one_line(tmp_path, override, needle):
+    line = _fails_cleanly(run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), override, cwd=tmp_path), needle)
+    assert f"override {override!r}" in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU-only refusal")
+def test_fp8_on_a_machine_without_transformer_engine(tmp_path):
+    proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), "precision=fp8", cwd=tmp_path)
+    _fails_cleanly(proc, "precision=fp8 needs Transformer Engine on a GPU")
+    assert not list(tmp_path.iterdir())  # refused before the tokenizer, the data or the stage directory
 
 
 def test_eval_missing_checkpoint(tmp_path):
     proc = run_megaflow("eval", str(tmp_path / "nope"), "--json", cwd=tmp_path)
     _fails_cleanly(proc, "not a megaflow checkpoint")
     assert proc.stdout == ""
+
+
+def _damage(final, tmp_path, how: str):
+    """A copy of a final checkpoint with one kind of damage."""
+    import shutil
+
+    ckpt = tmp_path / f"ckpt-{how}"
+    shutil.copytree(final, ckpt)
+    weights = sorted((ckpt / "weights").glob("*.distcp"))[0]
+    if how == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+        return ckpt, str(weights)
+    if how == "truncated-metadata":
+        meta = ckpt / "weights" / ".metadata"
+        meta.write_bytes(meta.read_bytes()[:50])
+        return ckpt, str(meta)
+    if how == "invalid-megaflow-json":
+        (ckpt / "megaflow.json").write_text('{"model": ')
+        return ckpt, str(ckpt / "megaflow.json")
+    data = bytearray(weights.read_bytes())  # flipped bytes in the middle of the tensors: the same size
+    for i in range(len(data) // 2, len(data) // 2 + 8):
+        data[i] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return ckpt, str(weights)
+
+
+@pytest.mark.parametrize("how, command", [
+    ("truncated-weights", "init_from"), ("truncated-metadata", "eval"), ("invalid-megaflow-json", "generate"),
+    ("flipped-bytes", "init_from"), ("flipped-bytes", "eval"), ("flipped-bytes", "generate"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, tiny_pretrain, how, command):
+    """Every loader checks the manifest (sizes, CRC-32) first; a few flipped bytes used to load silently."""
+    ckpt, bad_file = _damage(tiny_pretrain / "final", tmp_path, how)
+    if command == "init_from":
+        proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), f"init_from={ckpt}", "run.dir=out",
+                            f"data.train=[{{path: {SAMPLE}}}]", cwd=tmp_path)
+    elif command == "eval":
+        proc = run_megaflow("eval", str(ckpt), "--json", cwd=tmp_path)
+        assert proc.stdout == ""
+    else:
+        proc = run_megaflow("generate", str(ckpt), "--prompt", "To be", "--max-new-tokens", "2", cwd=tmp_path)
+    line = _fails_cleanly(proc, bad_file)
+    assert ("damaged checkpoint" in line or "not valid JSON" in line), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_checksums_checks_sizes_only(tmp_path, tiny_pretrain):
+    ckpt, _ = _damage(tiny_pretrain / "final", tmp_path, "flipped-bytes")
+    proc = run_megaflow("inspect", str(ckpt), "--no-checksums", "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["complete"], proc.stderr[-2000:]
+    truncated, bad_file = _damage(tiny_pretrain / "final", tmp_path, "truncated-weights")
+    proc = run_megaflow("generate", str(truncated), "--prompt", "To be", "--no-checksums", cwd=tmp_path)
+    _fails_cleanly(proc, bad_file, "expected")
