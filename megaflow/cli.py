@@ -16,9 +16,34 @@ from megaflow.errors import RunFailed, UserError
 STAGES = ("pretrain", "sft", "rm", "dpo")  # ppo, grpo follow (DESIGN §5); each is megaflow.algorithms.STAGE
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in megaflow's one-line form (`megaflow: error: ...`, exit 2)."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("megaflow").strip()
+        self.exit(2, f"megaflow: error: {where + ': ' if where else ''}{message} (see `{self.prog} --help`)\n")
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its message: "invalid int value"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def _add_launch(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--nproc-per-node", type=int, default=None, metavar="N",
+        "--nproc-per-node", type=_at_least(1), default=None, metavar="N",
         help="start N processes on this node under torch.distributed.run (torchrun and srun need no flag)",
     )
 
@@ -30,7 +55,7 @@ def _add_no_checksums(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megaflow",
         description="Pretrain, fine-tune and align decoder-only language models on megatron-core.",
         epilog="Run `megaflow COMMAND --help` for the options of one command. Docs: README.md and docs/.",
@@ -64,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="a directory with tokenizer.json, or a SentencePiece .model")
     p.add_argument("--output", required=True, metavar="PREFIX")
-    p.add_argument("--workers", type=int, default=1, metavar="N")
+    p.add_argument("--workers", type=_at_least(1), default=1, metavar="N")
     p.add_argument("--field", default="text", help="jsonl/parquet field holding the text (default: text)")
     p.add_argument("--split-documents", choices=("blank_line", "none"), default="blank_line",
                    help="how plain text files are split into documents (default: at blank lines)")
     p.add_argument("--invalid-utf8", choices=("replace", "error"), default="replace",
                    help="replace undecodable bytes with U+FFFD and count them (default), or stop with an error")
-    p.add_argument("--max-invalid-utf8", type=float, default=0.01, metavar="FRACTION",
+    p.add_argument("--max-invalid-utf8", type=_fraction, default=0.01, metavar="FRACTION",
                    help="refuse a file whose invalid UTF-8 sequences and NUL bytes pass this share of its bytes "
                         "(a binary file or another encoding; default: 0.01, 1 accepts anything)")
 
@@ -82,15 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="ppl",
                    help="comma-separated: ppl (perplexity), exact_match (greedy answers to --data's prompts), "
                         "reward_acc (a reward model's accuracy and margin on --data's preference pairs)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="exact_match: longest answer")
-    p.add_argument("--seq-length", type=int, default=None, help="sequence length (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=64, metavar="N", help="exact_match: longest answer")
+    p.add_argument("--seq-length", type=_at_least(2), default=None, help="sequence length (default: the model's)")
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument("--max-batches", type=_at_least(1), default=None, help="evaluate at most this many batches")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks, instead of --metrics (needs megaflow[eval])")
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a directory of local lm-eval task YAMLs")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: at most N documents per task; exact_match: the first N examples")
-    p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="lm-eval: few-shot examples")
+    p.add_argument("--limit", type=_at_least(1), default=None, metavar="N", help="lm-eval: at most N documents per task; exact_match: the first N examples")
+    p.add_argument("--num-fewshot", type=_at_least(0), default=None, metavar="K", help="lm-eval: few-shot examples")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     _add_no_checksums(p)
     p = sub.add_parser("score", help="score responses with a reward model",
@@ -181,7 +206,7 @@ def _relaunch(nproc: int) -> int:
         del argv[i : i + 2]
     else:
         argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "megaflow.runtime.launch", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "megaflow", *argv]
     return subprocess.call(cmd)
 
@@ -212,6 +237,8 @@ def _cmd_train(args) -> int:
     from megaflow.training import stage
 
     run_dir, rank0 = Path(cfg.run.dir), os.environ.get("RANK", "0") == "0"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.dir: {run_dir} is a file, not a directory")
     before = stage.run_dir_entries(run_dir) if rank0 else set()
     try:
         importlib.import_module(f"megaflow.algorithms.{args.stage}").main(cfg)
@@ -259,6 +286,8 @@ def _cmd_eval(args) -> int:
     from megaflow.eval.perplexity import evaluate_checkpoint
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not metrics:
+        raise UserError("--metrics: no metric named (available: ppl, exact_match, reward_acc)")
     unknown = set(metrics) - {"ppl", "exact_match", "reward_acc"}
     if unknown:
         raise UserError(f"--metrics: unknown metric(s) {', '.join(sorted(unknown))} (available: ppl, exact_match, reward_acc)")
@@ -385,6 +414,7 @@ def _cmd_generate(args) -> int:
     from megaflow.runtime import distributed as dist
 
     model = load_for_inference(args.ckpt, tp=args.tp, pp=args.pp)
+    _refuse_reward_model(model, args.ckpt, "generate")
     prompts = list(args.prompt)
     if args.chat:
         from megaflow.inference.chat import chat_template
@@ -412,7 +442,15 @@ def _cmd_chat(args) -> int:
     from megaflow.inference import load_for_inference
     from megaflow.inference.chat import repl
 
-    return repl(load_for_inference(args.ckpt, tp=args.tp, pp=args.pp), params, system=args.system)
+    model = load_for_inference(args.ckpt, tp=args.tp, pp=args.pp)
+    _refuse_reward_model(model, args.ckpt, "chat")
+    return repl(model, params, system=args.system)
+
+
+def _refuse_reward_model(model, ckpt: str, command: str) -> None:
+    if model.meta.get("head", "lm") != "lm":
+        raise UserError(f"{ckpt}: a reward model (a scalar head, no vocabulary) cannot {command}; "
+                        "`megaflow score` gives its rewards")
 
 
 def _cmd_convert(args) -> int:

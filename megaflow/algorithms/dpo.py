@@ -74,7 +74,7 @@ def _check(cfg: StageConfig) -> None:
         raise UserError("dpo.reference=live runs the reference inside the policy's forward step, which a pipeline "
                         "cannot; use dpo.reference=cached (the default) with parallel.pp > 1")
     if cfg.dpo.reference_from:
-        init_from.check_spec(cfg.dpo.reference_from)
+        init_from.check_spec(cfg.dpo.reference_from, key="dpo.reference_from")
 
 
 def main(cfg: StageConfig) -> dict:

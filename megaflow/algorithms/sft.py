@@ -71,6 +71,7 @@ def _options(cfg: StageConfig) -> sft.SFTDataOptions:
 def prepare_data(cfg: StageConfig, tokenizer):
     """(prepared training data, held-out samples): the held-out files, else a seeded fraction."""
     opts = _options(cfg)
+    dist.print_rank0(f"data: reading and tokenizing {files_key('data.train', [src.path for src in cfg.data.train])}")
     prepared = sft.prepare([src.path for src in cfg.data.train], tokenizer, opts)
     if cfg.data.sft.valid:
         held_out = sft.tokenize(sft.load_conversations(cfg.data.sft.valid, opts), prepared.template, opts,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import ValidationError
 
@@ -27,9 +27,11 @@ class ConfigError(UserError):
 
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config {'is a directory, not a file' if path.is_dir() else 'file not found'}: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -48,6 +50,8 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig
     parents = cfg.pop("extends", None) or []
     if isinstance(parents, str):
         parents = [parents]
+    if not isinstance(parents, (list, tuple, ListConfig)) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: extends: expected a file name or a list of them, got {parents!r}")
     base = OmegaConf.create({})
     for parent in parents:
         base = OmegaConf.merge(base, load_yaml_tree(path.parent / parent, (*_seen, path)))

@@ -226,6 +226,9 @@ def megaflow_to_hf(ckpt: str | Path, out: str | Path, verify: bool = False, tole
     if not ckpt.is_dir():
         raise UserError(f"--ckpt: not a directory: {ckpt}")
     meta = checkpoint.read_meta(ckpt)
+    if meta.get("head", "lm") != "lm":
+        raise UserError(f"--ckpt {ckpt}: a reward model (a scalar head) has no Hugging Face causal-LM form; "
+                        "only language models convert")
     try:
         model = ModelConfig(**meta["model"])
         padded = int(meta["padded_vocab_size"])

@@ -51,7 +51,7 @@ def _cache_key(path: Path, tokenizer_dir: str, field: str, split: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str) -> list[tuple[str, float]]:
+def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str, log=dist.print_rank0) -> list[tuple[str, float]]:
     """(prefix, weight) for every `data.train` source, preprocessing raw files on rank 0 first."""
     from megaflow.data.preprocess import preprocess
 
@@ -70,7 +70,7 @@ def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str) -> list[tuple[str, fl
             prefix = str(cache_dir / f"{path.name.split('.')[0]}-{key}")
             # PREFIX.json is written last by preprocess: without it the pair may be half replaced
             if rank0 and not Path(prefix + ".json").is_file():
-                dist.print_rank0(f"data: preprocessing {src.path} -> {prefix}.bin/.idx")
+                log(f"data: preprocessing {src.path} -> {prefix}.bin/.idx")
                 preprocess([str(path)], tokenizer_dir, prefix, workers=cfg.data.workers, field=src.field,
                            split_documents_on=cfg.data.split_documents_on, invalid_utf8=cfg.data.invalid_utf8,
                            max_invalid_utf8=cfg.data.max_invalid_utf8)
@@ -80,19 +80,20 @@ def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str) -> list[tuple[str, fl
     return out
 
 
-def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, num_samples: list[int]):
+def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, num_samples: list[int],
+                   log=dist.print_rank0):
     """Train, valid and test GPTDatasets (None where a split has no weight) with at least the given
     numbers of samples, and the source prefixes; megatron's builder writes its shuffle indices next to the
-    cached data."""
+    cached data. `log` hears what each phase does."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     from megaflow.data.splits import SPLIT_NAMES, plan_splits
 
-    prefixes = indexed_prefixes(cfg, tokenizer_dir)
+    prefixes = indexed_prefixes(cfg, tokenizer_dir, log)
     cache_dir = Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data")
     plan = plan_splits([p for p, _ in prefixes], cfg.data.split, cfg.data.seq_length, cache_dir,
-                       write=dist.is_rank0(), names=[src.path for src in cfg.data.train], log=dist.print_rank0)
+                       write=dist.is_rank0(), names=[src.path for src in cfg.data.train], log=log)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     weights = [w for _, w in prefixes] if len(prefixes) > 1 else None
@@ -116,7 +117,7 @@ def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, n
         mmap_bin_files=True,
     )
     wanted = ", ".join(f"{name} {n:,}" for name, n, w in zip(SPLIT_NAMES, num_samples, cfg.data.split) if w > 0)
-    dist.print_rank0(f"data: building sample indices ({wanted} samples of {cfg.data.seq_length} tokens)")
+    log(f"data: building sample indices ({wanted} samples of {cfg.data.seq_length} tokens)")
     try:
         return (*BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, ds_cfg).build(), paths)
     except AssertionError as e:

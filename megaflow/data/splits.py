@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +61,21 @@ class SplitPlan:
     per_split: list[list[str] | None] | None = None
 
 
-def _sequence_lengths(prefix: str) -> np.ndarray:
+def sequence_lengths(prefix: str) -> np.ndarray:
+    """The tokens of each sequence of the indexed dataset PREFIX.bin/.idx, after checking that the index
+    reads and that the .bin holds exactly the tokens it lists (a DataError naming the file if not)."""
     from megatron.core.datasets.indexed_dataset import _IndexReader
 
-    index = _IndexReader(prefix + ".idx", multimodal=False)  # its views die with it: copy before letting go
-    lengths = index.sequence_lengths.astype(np.int64)
-    del index
+    try:
+        index = _IndexReader(prefix + ".idx", multimodal=False)  # its views die with it: copy before letting go
+        lengths, itemsize = index.sequence_lengths.astype(np.int64), np.dtype(index.dtype).itemsize
+        del index
+    except (AssertionError, ValueError, OSError, struct.error, KeyError) as e:
+        raise DataError(f"{prefix}.idx: not a readable megatron index ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    expected, actual = int(lengths.sum()) * itemsize, os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise DataError(f"{prefix}.bin: {actual:,} bytes, but its index lists {expected:,} (truncated or from another "
+                        "dataset); preprocess it again")
     return lengths
 
 
@@ -77,7 +87,7 @@ def plan_splits(prefixes: list[str], split: list[float], seq_length: int, cache_
     matrix = split_matrix(split)
     need = seq_length + 1
     names = names or prefixes
-    lengths = [_sequence_lengths(p) for p in prefixes]
+    lengths = [sequence_lengths(p) for p in prefixes]
     by_documents = [tokens_by_documents(ls, matrix) for ls in lengths]
     short = [(i, s) for i, per in enumerate(by_documents) for s, t in enumerate(per) if t is not None and t < need]
     if not short:

@@ -148,10 +148,16 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, with no special tokens added (documents get their eod from the caller)."""
-        return self._backend.encode(text)
+        try:
+            return self._backend.encode(text)
+        except (TypeError, UnicodeEncodeError):  # surrogate escapes: undecodable bytes from argv or stdin
+            return self._backend.encode(_valid_unicode(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._backend.encode_batch(list(texts))
+        try:
+            return self._backend.encode_batch(list(texts))
+        except (TypeError, UnicodeEncodeError):
+            return self._backend.encode_batch([_valid_unicode(t) for t in texts])
 
     def decode(self, ids) -> str:
         return self._backend.decode([int(i) for i in ids])
@@ -338,3 +344,9 @@ def _move_into_place(temporary: Path, output: Path) -> None:
     os.rename(output, old)
     os.rename(temporary, output)
     shutil.rmtree(old)
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (Python's escapes for bytes that are not UTF-8, as in a command line or
+    a terminal in another encoding) replaced by U+FFFD, as files' invalid bytes are."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(text, str) else text

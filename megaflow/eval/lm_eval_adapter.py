@@ -116,11 +116,16 @@ def run_lm_eval(ckpt: str, tasks: list[str], include_path: str | None = None, li
         raise UserError("--lm-eval needs the lm-eval package: pip install 'megaflow[eval]'") from None
     if include_path is not None and not Path(include_path).exists():
         raise UserError(f"--lm-eval-include: not found: {include_path}")
+    if not tasks:
+        raise UserError("--lm-eval: no task named")
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise UserError(f"--lm-eval: unknown task(s) {', '.join(unknown)} (local tasks: --lm-eval-include DIR)")
-    results = lm_eval.simple_evaluate(model=MegaflowLM(ckpt, batch_size=batch_size), tasks=tasks,
-                                      task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                      log_samples=False, bootstrap_iters=0)
+    model = MegaflowLM(ckpt, batch_size=batch_size)
+    try:
+        results = lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
+    except (FileNotFoundError, ValueError) as e:  # a task's data file, a task without documents
+        raise UserError(f"--lm-eval {','.join(tasks)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return {"lm_eval": results["results"] if results else {}}

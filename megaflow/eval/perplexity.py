@@ -30,6 +30,9 @@ class WindowDataset:
     def __init__(self, prefix: str, seq_length: int):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        from megaflow.data.splits import sequence_lengths
+
+        sequence_lengths(prefix)  # a damaged pair is one line naming the file
         indexed = IndexedDataset(prefix)
         self.tokens = np.concatenate([indexed[i] for i in range(len(indexed))]).astype(np.int64)
         self.seq = seq_length
@@ -62,12 +65,9 @@ def _stage_config(meta: dict, seq_length: int | None, batch_size: int) -> StageC
     raw = dict(meta.get("config") or {})
     raw.pop("parallel", None)
     raw.setdefault("model", meta["model"])
-    cfg = validate(raw)
-    cfg.train.micro_batch_size = batch_size
-    cfg.train.global_batch_size = batch_size
-    if seq_length is not None:
-        cfg.data.seq_length = seq_length
-    return cfg
+    raw["train"] = {**raw.get("train", {}), "micro_batch_size": batch_size, "global_batch_size": batch_size}
+    raw.setdefault("data", {})
+    return validate(raw | {"data": raw["data"] | ({"seq_length": seq_length} if seq_length else {})})
 
 
 def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | None = None, batch_size: int = 8,
@@ -83,9 +83,14 @@ def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | No
     if data is None:
         from megaflow.data.pretrain import build_datasets
 
+        if "eval_samples" not in meta:
+            raise UserError(f"{ckpt}: a checkpoint of the {meta.get('stage', 'unknown')} stage has no validation "
+                            "split of raw text to evaluate by default; pass --data FILE")
+
         # The same sample counts as the stage asked for, so megatron builds the same shuffle.
         n, built = meta["eval_samples"], meta["valid_samples_built"]
-        _, dataset, _, _ = build_datasets(cfg, tokenizer, str(Path(ckpt) / "tokenizer"), [1, built, 1])
+        _, dataset, _, _ = build_datasets(cfg, tokenizer, str(Path(ckpt) / "tokenizer"), [1, built, 1],
+                                          log=(lambda _: None) if quiet else dist.print_rank0)
         if dataset is None:
             raise UserError(f"{ckpt}: its config has no validation split; pass --data")
         n_samples, source = n, "validation split"

@@ -128,7 +128,11 @@ def repl(model: InferenceModel, params: SamplingParams, system: str | None = Non
             continue
         say("assistant> ", end="")
         dropped = session.dropped
-        session.send(text, on_text=lambda delta: say(delta, stdout, end=""))
+        try:
+            session.send(text, on_text=lambda delta: say(delta, stdout, end=""))
+        except UserError as e:  # this message cannot be answered; the conversation goes on
+            say(f"\nmegaflow: error: {e}")
+            continue
         say("", stdout)
         if session.dropped > dropped:
             say(f"(the conversation outgrew the context: {session.dropped - dropped} oldest messages dropped)")

@@ -199,6 +199,9 @@ class Trainer:
         self.cfg, self.task, self.vocab_size, self.stage_dir = cfg, task, vocab_size, stage_dir
         self.meta = meta or {}  # megaflow.json fields of this stage's checkpoints (model, tokenizer, parents)
         self.data_position = data_position  # consumed samples -> a readable breakdown (per dataset of a blend)
+        p = cfg.parallel
+        dist.print_rank0(f"model: building {cfg.model.family} h{cfg.model.hidden_size} L{cfg.model.num_layers} "
+                         f"(tp={p.tp} pp={p.pp}, {cfg.precision}) and its optimizer")
         self.model, self.tcfg = build_model(cfg, vocab_size, getattr(task, "head", "lm"))
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)

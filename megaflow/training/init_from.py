@@ -39,9 +39,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEGAFLOW_CACHE", "~/.cache/megaflow")).expanduser() / "hf"
 
 
-def check_spec(spec: str, model=None) -> None:
-    """Fail fast (before megatron is imported) on an init_from that cannot work: one line. With the
-    stage's `model`, also when its shape is not the checkpoint's."""
+def check_spec(spec: str, model=None, key: str = "init_from", language_model: bool = True) -> None:
+    """Fail fast (before megatron is imported) on an init_from that cannot work: one line naming `key`. With
+    the stage's `model`, also when its shape is not the checkpoint's; a stage that trains a language model
+    (`language_model`) cannot start from a reward model, whose scalar head has no vocabulary."""
     from megaflow.config.schema import ModelConfig
     from megaflow.convert.hf_config import model_config_from_hf, read_hf_config
 
@@ -53,19 +54,23 @@ def check_spec(spec: str, model=None) -> None:
             theirs, _ = model_config_from_hf(read_hf_config(path), str(path / "config.json"))
             ShardedReader(path)
         except UserError as e:
-            raise UserError(f"init_from: {e}") from None
+            raise UserError(f"{key}: {e}") from None
     else:
         meta_file = Path(spec) / "megaflow.json"
         if not meta_file.is_file():
-            raise UserError(f"init_from: not a megaflow checkpoint (no megaflow.json) nor hf:PATH: {spec}")
+            raise UserError(f"{key}: not a megaflow checkpoint (no megaflow.json) nor hf:PATH: {spec}")
         try:
             manifest.require_intact(spec)
         except UserError as e:
-            raise UserError(f"init_from: {e}") from None
+            raise UserError(f"{key}: {e}") from None
         try:
-            theirs = ModelConfig(**json.loads(meta_file.read_text())["model"])
+            meta = json.loads(meta_file.read_text())
+            theirs = ModelConfig(**meta["model"])
         except (KeyError, TypeError, ValueError):
             return  # an older or foreign megaflow.json: the load itself will tell
+        if language_model and meta.get("head", "lm") != "lm":
+            raise UserError(f"{key}: {spec} is a reward model (a scalar head, no vocabulary); this stage trains a "
+                            "language model: start from a pretrained or SFT checkpoint")
     if model is not None:
         _check_same_model(spec, model, theirs)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from megaflow.errors import UserError
 from megaflow.training import manifest
-from megaflow.training.checkpoint import META_FILE, read_latest
+from megaflow.training.checkpoint import META_FILE, read_latest, read_meta
 
 
 def resolve(path: str | Path) -> Path:
@@ -40,8 +40,11 @@ def _tensor_summary(weights_dir: Path) -> dict:
 
 def inspect_checkpoint(path: str | Path, verify_checksums: bool = True) -> dict:
     ckpt = resolve(path)
-    meta = json.loads((ckpt / META_FILE).read_text()) if (ckpt / META_FILE).is_file() else {}
     problem = manifest.verify(ckpt, checksums=verify_checksums)
+    try:
+        meta = read_meta(ckpt) if (ckpt / META_FILE).is_file() else {}
+    except UserError as e:  # reported as what makes the checkpoint incomplete
+        meta, problem = {}, problem or str(e)
     files = [p for p in ckpt.rglob("*") if p.is_file()]
     weights_dir = ckpt / "weights" if (ckpt / "weights").is_dir() else ckpt
     model = meta.get("model", {})

@@ -40,7 +40,8 @@ def check_inputs(cfg: StageConfig) -> None:
     if not cfg.init_from:
         raise UserError(f"init_from: the {cfg.stage} stage starts from a trained model: a megaflow checkpoint "
                         "(usually the SFT stage's final/) or hf:PATH")
-    init_from.check_spec(cfg.init_from, cfg.model if cfg.model.model_fields_set else None)
+    init_from.check_spec(cfg.init_from, cfg.model if cfg.model.model_fields_set else None,
+                         language_model=cfg.stage != "rm")
     if cfg.parallel.cp > 1:
         raise UserError(f"parallel.cp={cfg.parallel.cp}: the {cfg.stage} stage does not support context parallelism yet")
 
@@ -72,6 +73,7 @@ def start(cfg: StageConfig) -> Start:
         cfg.tokenizer.path = str(init_dir / "tokenizer")
     base_tokenizer, _ = stage.ensure_tokenizer(cfg)
     opts = options(cfg)
+    dist.print_rank0(f"data: reading and tokenizing {files_key('data.train', [src.path for src in cfg.data.train])}")
     prepared = preference.prepare([src.path for src in cfg.data.train], base_tokenizer, opts)
     if cfg.data.preference.valid:
         held_out = preference.tokenize_pairs(preference.load_pairs(cfg.data.preference.valid, opts),

@@ -40,6 +40,7 @@ def ensure_tokenizer(cfg: StageConfig) -> tuple[Tokenizer, str]:
     if not exists and dist.is_rank0():
         spec = cfg.tokenizer.train_if_missing
         field = cfg.data.train[0].field if cfg.data.train else "text"
+        dist.print_rank0(f"tokenizer: training a {spec.vocab_size}-token BPE on {', '.join(spec.input)}")
         train_tokenizer(spec.input, spec.vocab_size, path, field=field)
         dist.print_rank0(f"trained tokenizer ({spec.vocab_size} tokens) -> {path}")
     if torch.distributed.is_initialized():
@@ -75,7 +76,29 @@ def tidy_after_error(run_dir: Path, before: set[Path], stage_name: str) -> list[
     return sorted(p for p in left if p.parent not in left)
 
 
+def check_resumable_model(cfg: StageConfig) -> None:
+    """A run that will resume must build the model its checkpoint holds: a changed shape is one line
+    before the stage directory is touched (megatron's load would fail on the first mismatched tensor)."""
+    from megaflow.config.schema import ModelConfig
+    from megaflow.convert.hf_config import model_differences
+    from megaflow.training.checkpoint import read_latest, read_meta
+
+    latest = read_latest(stage_dir(cfg) / "checkpoints") if cfg.checkpoint.resume else None
+    if latest is None or not (latest / "megaflow.json").is_file():
+        return
+    try:
+        theirs = ModelConfig(**read_meta(latest)["model"])
+    except (KeyError, TypeError, ValueError):
+        return  # unreadable: find_resumable names it and falls back
+    diffs = model_differences(cfg.model, theirs, scope="shapes")
+    if diffs:
+        raise UserError(f"{latest}: this run would resume a checkpoint of another model (stage vs checkpoint: "
+                        f"{'; '.join('model.' + d for d in diffs)}); use another run.dir, or checkpoint.resume=false "
+                        "to start over in this one")
+
+
 def write_resolved_config(cfg: StageConfig) -> Path:
+    check_resumable_model(cfg)
     out = stage_dir(cfg)
     if dist.is_rank0():
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,31 @@
+"""`--nproc-per-node N`: torch.distributed.run in a process of ours, so that a failed rank ends the way a
+single process does. A user error is printed by rank 0 as one line and every rank exits 2; torchrun
+would then add its own traceback and failure table and exit 1. Here the launcher exits with the ranks'
+code instead (2 for a user error, 3 for a run that stopped itself), and a crash is one line naming the rank."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # per-rank failure notices
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
+        for code in (2, 3):  # the ranks said why, on one line
+            if code in codes.values():
+                return code
+        rank, code = min(codes.items()) if codes else (0, 1)
+        print(f"megaflow: stopped: rank {rank} exited with code {code} (its output is above)", file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
