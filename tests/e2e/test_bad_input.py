@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +221,64 @@ def test_no_checksums_checks_sizes_only(tmp_path, tiny_pretrain):
     truncated, bad_file = _damage(tiny_pretrain / "final", tmp_path, "truncated-weights")
     proc = run_megaflow("generate", str(truncated), "--prompt", "To be", "--no-checksums", cwd=tmp_path)
     _fails_cleanly(proc, bad_file, "expected")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["eval", "x", "--batch-size", "0"], "eval: argument --batch-size: must be at least 1, got 0"),
+    (["generate", "x", "--prompt", "a", "--max-new-tokens", "abc"], "generate: argument --max-new-tokens: invalid int value"),
+    (["preprocess", "--input", "a", "--tokenizer", "t", "--output", "o", "--max-invalid-utf8", "nan"],
+     "must be between 0 and 1"),
+    (["train", "pretrain", "--config", "c.yaml", "--nproc-per-node", "0"], "must be at least 1"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_command_line_errors_are_one_line(tmp_path, args, needle):
+    _fails_cleanly(run_megaflow(*args, cwd=tmp_path), needle)
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_dir_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("")
+    _fails_cleanly(run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), "run.dir=out", cwd=tmp_path),
+                   "run.dir: out is a file")
+
+
+def test_resuming_with_another_model_is_one_line_and_keeps_the_stage(workdir, tiny_pretrain):
+    """The session's pretrain left checkpoints in its run.dir: the same command with another model shape
+    would resume them; refused before its config.yaml (or anything) is rewritten."""
+    before = {p: p.stat().st_mtime_ns for p in tiny_pretrain.rglob("*")}
+    proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), "model.hidden_size=64",
+                        "model.ffn_hidden_size=192", cwd=workdir)
+    _fails_cleanly(proc, "would resume a checkpoint of another model", "model.hidden_size: 64 vs 128",
+                   "checkpoint.resume=false")
+    assert {p: p.stat().st_mtime_ns for p in tiny_pretrain.rglob("*")} == before
+
+
+def test_a_user_error_under_nproc_per_node_is_one_line(tmp_path):
+    proc = run_megaflow("train", "pretrain", "--config", str(TEST_CONFIG), "data.train=[{path: nope.txt}]",
+                        "--nproc-per-node", "2", cwd=tmp_path)
+    _fails_cleanly(proc, "data.train[0].path: file not found: nope.txt")  # and no torchrun report
+    assert "ChildFailedError" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_a_damaged_indexed_dataset_is_one_line(tmp_path, tiny_pretrain):
+    prefix = next((tiny_pretrain.parent / "data").glob("tinyshakespeare-*.json")).with_suffix("")
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"g{suffix}").write_bytes(Path(f"{prefix}{suffix}").read_bytes())
+    (tmp_path / "g.bin").write_bytes((tmp_path / "g.bin").read_bytes()[:1000])
+    proc = run_megaflow("eval", str(tiny_pretrain / "final"), "--data", str(tmp_path / "g"), cwd=tmp_path)
+    _fails_cleanly(proc, f"{tmp_path / 'g'}.bin: 1,000 bytes, but its index lists")
+    (tmp_path / "g.idx").write_text("garbage\n")
+    proc = run_megaflow("eval", str(tiny_pretrain / "final"), "--data", str(tmp_path / "g"), cwd=tmp_path)
+    _fails_cleanly(proc, f"{tmp_path / 'g'}.idx: not a readable megatron index")
+
+
+def test_inspect_reports_an_unreadable_megaflow_json(tmp_path, tiny_pretrain):
+    ckpt, bad_file = _damage(tiny_pretrain / "final", tmp_path, "invalid-megaflow-json")
+    proc = run_megaflow("inspect", str(ckpt), "--json", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["complete"] is False and bad_file in json.loads(proc.stdout)["problem"]
+
+
+def test_eval_of_an_sft_checkpoint_without_data_is_one_line(tmp_path, tiny_sft):
+    _fails_cleanly(run_megaflow("eval", str(tiny_sft / "final"), cwd=tmp_path),
+                   "a checkpoint of the sft stage has no validation split of raw text", "pass --data FILE")

@@ -324,6 +324,23 @@ def test_cli_chat_streams_keeps_and_resets(ckpt, checks):
     assert "(new conversation)" in proc.stderr and proc.stderr.count("user> ") == 5
 
 
+def test_cli_chat_refuses_one_message_and_goes_on(ckpt, checks):
+    a1, _ = checks["chat_answers"]
+    proc = _megaflow("chat", str(ckpt), "--max-new-tokens", "8", "--greedy",
+                     stdin="word " * 400 + "\nhello\n")  # longer than the context, then what answers a1
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == f"{a1}\n"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaflow: error:")]
+    assert len(errors) == 1 and "the message is too long" in errors[0], proc.stderr[-2000:]
+
+
+def test_cli_bad_sampling_values_and_undecodable_prompts(ckpt):
+    proc = _megaflow("generate", str(ckpt), "--prompt", "x", "--temperature", "nan")
+    assert proc.returncode == 2 and "temperature must be a finite number" in proc.stderr, proc.stderr[-2000:]
+    proc = _megaflow("generate", str(ckpt), "--prompt", "To be \udcff or", "--max-new-tokens", "2", "--greedy")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a byte that is not UTF-8 in argv: U+FFFD, as in files
+
+
 def test_cli_errors_are_one_line(tmp_path):
     proc = _megaflow("generate", str(tmp_path), "--prompt", "x")
     assert proc.returncode == 2

@@ -165,6 +165,25 @@ def test_preference_stage_bad_inputs_are_one_line(workdir, tmp_path, tiny_sft):
         assert not (tmp_path / "run" / stage / "final").exists()
 
 
+def test_a_reward_model_is_refused_where_a_language_model_is_needed(workdir, tmp_path, tiny_sft, tiny_rm):
+    """Its scalar head has no vocabulary: generation, HF conversion and a DPO policy from it used to run on
+    with a meaningless (or freshly initialised) output layer."""
+    rm = str(tiny_rm / "final")
+    cases = [
+        (["generate", rm, "--prompt", "hi"], "a reward model (a scalar head, no vocabulary) cannot generate"),
+        (["convert", "megaflow-to-hf", "--ckpt", rm, "--out", str(tmp_path / "hf")], "has no Hugging Face causal-LM form"),
+        (["train", "dpo", "--config", str(DPO_CONFIG), f"init_from={rm}", f"run.dir={tmp_path / 'run'}"],
+         "init_from: " + rm + " is a reward model"),
+        (["train", "dpo", "--config", str(DPO_CONFIG), f"init_from={tiny_sft / 'final'}",
+          f"dpo.reference_from={tmp_path / 'nope'}", f"run.dir={tmp_path / 'run'}"], "dpo.reference_from: not a megaflow"),
+    ]
+    for args, needle in cases:
+        proc = run_megaflow(*args, cwd=REPO)  # the config's relative data paths
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("megaflow: error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and not (tmp_path / "hf").exists() and not (tmp_path / "run").exists()
+
+
 CHECK_LOGPS = """
 import json, sys
 import numpy as np

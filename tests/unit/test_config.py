@@ -96,3 +96,16 @@ def test_valid_layouts_give_their_data_parallel_size():
     assert load_config(TINY, ["parallel.tp=2", "parallel.pp=2", "train.global_batch_size=32"]).check_layout(8) == 2
     assert load_config(TINY, ["parallel.pp=2", "parallel.vpp=2", "train.global_batch_size=32"]).check_layout(2) == 1
     assert load_config(TINY, ["parallel.dp=2", "parallel.tp=2", "train.global_batch_size=32"]).check_layout(4) == 2
+
+
+def test_config_files_that_are_not_utf8_or_extend_a_number(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not UTF-8 text \(byte 1\)"):
+        load_config(binary)
+    number = tmp_path / "number.yaml"
+    number.write_text("extends: 42\n")
+    with pytest.raises(ConfigError, match="extends: expected a file name or a list of them, got 42"):
+        load_config(number)
+    with pytest.raises(ConfigError, match="config is a directory, not a file"):
+        load_config(tmp_path)
