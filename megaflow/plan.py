@@ -392,7 +392,8 @@ def make_plan(cfg: StageConfig, *, gpus: int | None = None, gpu_memory_gib: floa
     p, m, t, seq = cfg.parallel, cfg.model, cfg.train, cfg.data.seq_length
     positive = {"--gpu-memory": gpu_memory_gib, "--mfu": mfu, "--peak-tflops": peak_tflops, "--tokens": tokens,
                 "--gpus": gpus}
-    bad = [f"{k} must be positive (got {v:g})" for k, v in positive.items() if v is not None and v <= 0]
+    bad = [f"{k} must be a positive finite number (got {v:g})" for k, v in positive.items()
+           if v is not None and not 0 < v < float("inf")]  # NaN fails too
     bad += [f"{k} must not be negative (got {v:g})" for k, v in (("--overhead", overhead_gib), ("--price", price))
             if v is not None and v < 0]
     if mfu > 1:

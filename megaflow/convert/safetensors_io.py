@@ -106,7 +106,10 @@ def parse_size(text: str | int) -> int:
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise UserError(f"--max-shard-size: must be more than 0 bytes, got {text!r}")
+    return size
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...], int]], max_bytes: int) -> list[list[str]]:

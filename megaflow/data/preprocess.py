@@ -77,6 +77,8 @@ def preprocess(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
     prefix = str(output_prefix)
+    if prefix.endswith(("/", os.sep)) or not Path(prefix).name:
+        raise UserError(f"--output {prefix}: a directory; give a file prefix such as {Path(prefix) / 'corpus'}")
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     temporary = f"{prefix}.tmp-{os.getpid()}"
     stats, started = PreprocessStats(output_prefix=prefix), time.perf_counter()

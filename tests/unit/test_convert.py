@@ -309,6 +309,8 @@ def test_sizes_and_shard_plan():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("40KB") == 40_000 and parse_size("1MiB") == 2**20
     with pytest.raises(UserError, match="not a size"):
         parse_size("lots")
+    with pytest.raises(UserError, match="must be more than 0 bytes"):
+        parse_size("0")
     specs = [("a", (10,), 4), ("b", (10,), 4), ("c", (100,), 4), ("d", (5,), 4)]
     assert plan_shards(specs, 80) == [["a", "b"], ["c"], ["d"]]  # c alone is larger than the limit
     assert plan_shards(specs, 10**6) == [["a", "b", "c", "d"]]

@@ -252,7 +252,8 @@ def test_sequence_length_from_the_file_or_the_model():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(gpus=6), "--gpus 6: world size 6 is not divisible by parallel.tp*pp*cp (2*2*1 = 4)"),
     (dict(mfu=1.5), "--mfu is a fraction"),
-    (dict(tokens=-1.0), "--tokens must be positive"),
+    (dict(tokens=-1.0), "--tokens must be a positive finite number"),
+    (dict(tokens=float("nan")), "--tokens must be a positive finite number"),
     (dict(price=-1.0), "--price must not be negative"),
 ])
 def test_bad_inputs_are_user_errors(kwargs, message):

@@ -187,6 +187,9 @@ def test_invalid_utf8_policy_in_preprocess(tokenizer_dir, tmp_path):
 
 
 def test_bad_arguments(corpus, tokenizer_dir, tmp_path):
+    with pytest.raises(UserError, match="a directory; give a file prefix"):
+        preprocess([str(corpus)], tokenizer_dir, str(tmp_path) + "/")
+    assert not list(tmp_path.glob(".*"))
     with pytest.raises(DataError, match="input file not found: .*missing.txt"):
         preprocess([str(tmp_path / "missing.txt")], tokenizer_dir, str(tmp_path / "o"))
     with pytest.raises(DataError, match="tokenizer not found"):
