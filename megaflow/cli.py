@@ -11,9 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from megaflow.algorithms import registry
 from megaflow.errors import RunFailed, UserError
-
-STAGES = ("pretrain", "sft", "rm", "dpo")  # ppo, grpo follow (DESIGN §5); each is megaflow.algorithms.STAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,9 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    p = sub.add_parser(
+        "run", help="run a pipeline of stages (pretrain -> sft -> rm -> dpo -> eval), resumable, with a report",
+        description="Run the stages of a pipeline file in dependency order. run.dir/pipeline.json records each "
+                    "stage's config and input hashes, status, timings and metrics; running again skips what is "
+                    "done and unchanged, resumes what was interrupted, and reruns a changed stage and what "
+                    "depends on it. Gates stop the pipeline when a stage's metrics fall short. Writes "
+                    "run.dir/report.md and run.dir/plots/. See docs/pipeline.md.")
+    p.add_argument("pipeline", help="pipeline YAML file (configs/pipelines/tiny.yaml is the embedded one)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="STAGE.key=value for a stage (sft.train.steps=50) or run.key=value for the pipeline")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="start_from", metavar="STAGE", help="run STAGE and every stage after it")
+    which.add_argument("--only", metavar="STAGE", help="run STAGE alone (the stages it reads must be done)")
+    p.add_argument("--dry-run", action="store_true", help="check the pipeline and print what would run and why")
+    p.add_argument("--nproc-per-node", type=_at_least(1), default=None, metavar="N",
+                   help="processes of every training stage that sets no nproc_per_node of its own")
+    _add_no_checksums(p)
+
     p = sub.add_parser("train", help="train one stage from a config file",
                        description="Train one stage. Writes run.dir/STAGE/{config.yaml,metrics.jsonl,eval.json,checkpoints/,final/}.")
-    p.add_argument("stage", choices=STAGES, help="the stage to train")
+    p.add_argument("stage", choices=registry.TRAINING, help="the stage to train")
     p.add_argument("--config", "-c", required=True, help="stage YAML file (may `extends:` others)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, anywhere on the line, e.g. train.steps=50 parallel.tp=2")
@@ -232,8 +249,6 @@ def _cmd_train(args) -> int:
         except ValueError as e:
             raise UserError(f"--nproc-per-node {args.nproc_per_node}: {e}") from None
         return _relaunch(args.nproc_per_node)
-    import importlib
-
     from megaflow.training import stage
 
     run_dir, rank0 = Path(cfg.run.dir), os.environ.get("RANK", "0") == "0"
@@ -241,13 +256,21 @@ def _cmd_train(args) -> int:
         raise UserError(f"run.dir: {run_dir} is a file, not a directory")
     before = stage.run_dir_entries(run_dir) if rank0 else set()
     try:
-        importlib.import_module(f"megaflow.algorithms.{args.stage}").main(cfg)
+        registry.get(args.stage).run(cfg)
     except UserError as e:
         if rank0 and (left := stage.tidy_after_error(run_dir, before, args.stage)):
             print(f"megaflow: note: kept what the stage made before the error, reused by the next run: "
                   f"{', '.join(map(str, left))}", file=sys.stderr)
         raise
     return 0
+
+
+def _cmd_run(args) -> int:
+    from megaflow.pipeline.runner import execute
+    from megaflow.pipeline.spec import load_pipeline
+
+    pipeline = load_pipeline(args.pipeline, args.overrides, nproc_per_node=args.nproc_per_node or 1)
+    return execute(pipeline, only=args.only, start_from=args.start_from, dry_run=args.dry_run)
 
 
 def _cmd_tokenizer(args) -> int:
@@ -477,7 +500,7 @@ def _cmd_convert(args) -> int:
 
 
 COMMANDS = {
-    "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval,
+    "run": _cmd_run, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval,
     "inspect": _cmd_inspect, "plan": _cmd_plan, "convert": _cmd_convert, "generate": _cmd_generate, "chat": _cmd_chat,
     "score": _cmd_score,
 }
@@ -517,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunFailed as e:
         print(f"megaflow: stopped: {e}", file=sys.stderr)
-        return 3
+        return e.exit_code
     except KeyboardInterrupt:
         print("megaflow: interrupted", file=sys.stderr)
         return 130

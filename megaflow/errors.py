@@ -11,3 +11,5 @@ class DataError(UserError):
 
 class RunFailed(Exception):
     """A run that stopped itself on purpose (e.g. diverged): one line, exit code 3, checkpoints kept."""
+
+    exit_code = 3

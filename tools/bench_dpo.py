@@ -91,7 +91,7 @@ def work_megaflow(spec: dict) -> dict:
     from megaflow.data.preference import PreferenceBatchIterator
     from megaflow.data.sft import SFTBatchIterator
     from megaflow.models.gpt import use_transformer_engine
-    from megaflow.training import preference, reference
+    from megaflow.algorithms import preference, reference
     from megaflow.training.engine import Trainer, pad_multiple
 
     run_dir, batch = Path(spec["dir"]) / "run", spec["batch"]
@@ -129,7 +129,7 @@ def work_megaflow(spec: dict) -> dict:
 
     common.clock_train_step(trainer, ends, losses)
     build_s = time.perf_counter() - t0 - ref_s
-    multiple = 0 if packed else pad_multiple(cfg)  # as megaflow.training.preference.batch_iterators
+    multiple = 0 if packed else pad_multiple(cfg)  # as megaflow.algorithms.preference.batch_iterators
     trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, False, multiple)], None)
     trainer.close()
     return {"ends": ends, "losses": losses, "stats": stats, "build_s": build_s, "ref_s": ref_s,

@@ -12,14 +12,17 @@ reference on the chosen responses (an estimate of how far the policy moved, not 
 from __future__ import annotations
 
 import functools
-import time
+from pathlib import Path
 
 import torch
 
+from megaflow.algorithms import preference, reference
+from megaflow.algorithms.base import Work
+from megaflow.algorithms.preference import PreferenceStage
 from megaflow.config import StageConfig
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
-from megaflow.training import init_from, preference, reference, stage
+from megaflow.training import init_from, stage
 from megaflow.training.engine import Trainer
 from megaflow.training.losses import dpo_loss, nll_loss, rpo_loss
 
@@ -69,64 +72,70 @@ class DPOTask:
         return losses.sum(), torch.tensor(m, dtype=torch.int, device=losses.device), reports
 
 
-def _check(cfg: StageConfig) -> None:
-    if cfg.dpo.reference == "live" and cfg.parallel.pp > 1:
-        raise UserError("dpo.reference=live runs the reference inside the policy's forward step, which a pipeline "
-                        "cannot; use dpo.reference=cached (the default) with parallel.pp > 1")
-    if cfg.dpo.reference_from:
-        init_from.check_spec(cfg.dpo.reference_from, key="dpo.reference_from")
+class DPO(PreferenceStage):
+    name = "dpo"
+    summary = "direct preference optimisation (DPO, IPO, conservative DPO, RPO) against a reference"
 
+    def inputs(self, cfg: StageConfig) -> dict[str, str]:
+        out = super().inputs(cfg)
+        if cfg.dpo.reference_from:
+            out["dpo.reference_from"] = cfg.dpo.reference_from
+        return out
 
-def main(cfg: StageConfig) -> dict:
-    """`megaflow train dpo`: pairs, reference log-probs (cached or live), policy from the SFT checkpoint,
-    loop, held-out preference metrics before and after, final checkpoint."""
-    t_start = time.time()
-    _check(cfg)
-    s = preference.start(cfg)
-    ref_dir = s.init_dir
-    if cfg.dpo.reference_from:
-        ref_dir = init_from.resolve_init_from(cfg.dpo.reference_from, log=dist.print_rank0)
-    t, pad = cfg.train, s.prepared.tokenizer.pad_id
-    out_dir = stage.write_resolved_config(cfg)
+    def check(self, cfg: StageConfig) -> None:
+        super().check(cfg)
+        if cfg.dpo.reference == "live" and cfg.parallel.pp > 1:
+            raise UserError("dpo.reference=live runs the reference inside the policy's forward step, which a "
+                            "pipeline cannot; use dpo.reference=cached (the default) with parallel.pp > 1")
 
-    live = None
-    if cfg.dpo.reference == "cached":
-        cache_dir = stage.stage_dir(cfg).parent / "cache"
-        train_ref, path, computed = reference.cached_logps(cfg, s.vocab, ref_dir, s.train, pad, cache_dir)
-        dist.print_rank0(f"reference log-probs {'computed -> ' if computed else 'from cache '}{path}")
-        held_ref = reference.cached_logps(cfg, s.vocab, ref_dir, s.held_out, pad, cache_dir)[0] if s.held_out else None
-    else:
-        live, train_ref, held_ref = reference.ReferenceModel(cfg, s.vocab, ref_dir), None, None
-    train_ds = reference.pair_dataset(cfg, s.train, pad, train_ref)
-    valid_ds = reference.pair_dataset(cfg, s.held_out, pad, held_ref) if s.held_out else None
-    if cfg.data.preference.packing:
-        dist.print_rank0(f"packed {len(s.train)} pairs into {len(train_ds)} rows of {train_ds.row_length} "
-                         f"(packing efficiency {train_ds.efficiency():.1%}, prompts shared: {train_ds.share})")
+    def check_init(self, cfg: StageConfig) -> None:
+        super().check_init(cfg)
+        if cfg.dpo.reference_from:
+            init_from.check_spec(cfg.dpo.reference_from, key="dpo.reference_from")
 
-    meta = stage.final_meta(cfg, s.vocab, 0, 0, [str(s.init_dir)]) | {"reference": str(ref_dir)}
-    d = cfg.dpo
-    task = DPOTask(d.loss_type, d.beta, d.label_smoothing, d.rpo_alpha, live, packed=cfg.data.preference.packing)
-    trainer = Trainer(cfg, task, s.vocab, out_dir, meta)
-    resumed = trainer.maybe_resume()
-    if not resumed:
-        trainer.init_weights_from(s.init_dir)
-    n_chunks = len(trainer.model)
-    make_valid = None
-    if valid_ds is not None:
-        make_valid = lambda: preference.batch_iterators(cfg, n_chunks, valid_ds, shuffle=False)  # noqa: E731
-    valid_iters = max(1, len(valid_ds) // t.global_batch_size) if valid_ds is not None else 0
-    result = {"resumed": resumed, "data": s.prepared.summary.as_dict()}
-    if make_valid is not None and cfg.eval.final and not resumed:
-        result |= _held_out(trainer.evaluate(make_valid, valid_iters), "before")
-    status = trainer.train(lambda consumed: preference.batch_iterators(cfg, n_chunks, train_ds, consumed), make_valid)
-    result |= {"status": status, "step": trainer.state.step, "skipped_steps": trainer.skipped_total}
-    if status != "done":
-        trainer.close()
-        return result
+    def prepare(self, cfg: StageConfig, tokenizer, tokenizer_dir: str, init_dir: Path | None) -> Work:
+        """Pairs, and the reference's log-probs: computed once and cached on disk, or a live model."""
+        s = self.prepare_pairs(cfg, tokenizer, init_dir)
+        ref_dir = init_dir
+        if cfg.dpo.reference_from:
+            ref_dir = init_from.resolve_init_from(cfg.dpo.reference_from, log=dist.print_rank0)
+        pad = s.prepared.tokenizer.pad_id
+        live = None
+        if cfg.dpo.reference == "cached":
+            cache_dir = stage.stage_dir(cfg).parent / "cache"
+            train_ref, path, computed = reference.cached_logps(cfg, s.vocab, ref_dir, s.train, pad, cache_dir)
+            dist.print_rank0(f"reference log-probs {'computed -> ' if computed else 'from cache '}{path}")
+            held_ref = reference.cached_logps(cfg, s.vocab, ref_dir, s.held_out, pad, cache_dir)[0] if s.held_out else None
+        else:
+            live, train_ref, held_ref = reference.ReferenceModel(cfg, s.vocab, ref_dir), None, None
+        train_ds = reference.pair_dataset(cfg, s.train, pad, train_ref)
+        valid_ds = reference.pair_dataset(cfg, s.held_out, pad, held_ref) if s.held_out else None
+        if cfg.data.preference.packing:
+            dist.print_rank0(f"packed {len(s.train)} pairs into {len(train_ds)} rows of {train_ds.row_length} "
+                             f"(packing efficiency {train_ds.efficiency():.1%}, prompts shared: {train_ds.share})")
+        d = cfg.dpo
+        task = DPOTask(d.loss_type, d.beta, d.label_smoothing, d.rpo_alpha, live, packed=cfg.data.preference.packing)
+        return Work(task, s.vocab, s.prepared.tokenizer, train_ds, valid_ds, self.iterators(cfg),
+                    meta={"reference": str(ref_dir)}, result={"data": s.prepared.summary.as_dict()})
 
-    if make_valid is not None and cfg.eval.final:
-        result |= _held_out(trainer.evaluate(make_valid, valid_iters), "valid")
-    return stage.finish(trainer, meta, s.prepared.tokenizer, result, t_start)
+    @staticmethod
+    def _valid_iters(trainer: Trainer, work: Work) -> int:
+        return max(1, len(work.valid) // trainer.cfg.train.global_batch_size)
+
+    def before_train(self, trainer: Trainer, work: Work, make_valid, resumed: bool) -> dict:
+        """The held-out metrics of the starting policy, to compare with the trained one's: measured on a
+        fresh start and kept in before.json, so a resumed run reports the same ones."""
+        import json
+
+        path = trainer.stage_dir / "before.json"
+        if resumed:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        before = _held_out(trainer.evaluate(make_valid, self._valid_iters(trainer, work)), "before")
+        trainer.write_json("before.json", before)
+        return before
+
+    def final_eval(self, trainer: Trainer, work: Work, make_valid) -> dict:
+        return _held_out(trainer.evaluate(make_valid, self._valid_iters(trainer, work)), "valid")
 
 
 def _held_out(means: dict, prefix: str) -> dict:
@@ -135,3 +144,6 @@ def _held_out(means: dict, prefix: str) -> dict:
                      f"{means['rewards/accuracies']:.1%}, margin {means['rewards/margins']:.4f}")
     keep = {"loss": means["loss"]} | {k: v for k, v in means.items() if "/" in k or k == "nll_loss"}
     return {f"{prefix}_{k.replace('/', '_')}": v for k, v in keep.items()}
+
+
+STAGE = DPO()

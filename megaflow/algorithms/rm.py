@@ -13,15 +13,17 @@ the reward read at the last token of each sequence, and the loss
 from __future__ import annotations
 
 import functools
-import time
+from pathlib import Path
 
 import torch
 
+from megaflow.algorithms import preference
+from megaflow.algorithms.base import Work
+from megaflow.algorithms.preference import PreferenceStage
 from megaflow.config import StageConfig
 from megaflow.data.preference import PreferenceDataset, split_chosen_rejected
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
-from megaflow.training import preference, stage
 from megaflow.training.engine import Trainer
 from megaflow.training.losses import bradley_terry_loss, reward_metrics
 
@@ -57,40 +59,28 @@ class RewardTask:
         return losses.sum(), torch.tensor(m, dtype=torch.int, device=losses.device), reports
 
 
-def main(cfg: StageConfig) -> dict:
-    """`megaflow train rm`: pairs, model from the SFT checkpoint with a fresh scalar head, loop, held-out
-    accuracy, margin and reward distribution, final checkpoint."""
-    t_start = time.time()
-    if cfg.data.preference.packing:
-        raise UserError("data.preference.packing: the rm stage reads one reward per sequence from unpacked rows; "
-                        "packing is for dpo")
-    s = preference.start(cfg)
-    t = cfg.train
-    pad = s.prepared.tokenizer.pad_id
-    train_ds = PreferenceDataset(s.train, cfg.data.seq_length, pad)
-    valid_ds = PreferenceDataset(s.held_out, cfg.data.seq_length, pad) if s.held_out else None
-    out_dir = stage.write_resolved_config(cfg)
+class RewardModel(PreferenceStage):
+    name = "rm"
+    summary = "a reward model (scalar head, Bradley-Terry loss) on preference pairs"
+    language_model_init = False  # a reward model may start from another reward model
 
-    meta = stage.final_meta(cfg, s.vocab, 0, 0, [str(s.init_dir)]) | {"head": "scalar"}
-    task = RewardTask(cfg.rm.use_margin, cfg.rm.center_coef)
-    trainer = Trainer(cfg, task, s.vocab, out_dir, meta)
-    resumed = trainer.maybe_resume()
-    if not resumed:
-        trainer.init_weights_from(s.init_dir)  # the body; the scalar head starts fresh
-    n_chunks = len(trainer.model)
-    make_valid = None
-    if valid_ds is not None:
-        make_valid = lambda: preference.batch_iterators(cfg, n_chunks, valid_ds, shuffle=False)  # noqa: E731
-    status = trainer.train(lambda consumed: preference.batch_iterators(cfg, n_chunks, train_ds, consumed), make_valid)
-    result = {"status": status, "step": trainer.state.step, "resumed": resumed, "skipped_steps": trainer.skipped_total,
-              "data": s.prepared.summary.as_dict()}
-    if status != "done":
-        trainer.close()
-        return result
+    def check(self, cfg: StageConfig) -> None:
+        super().check(cfg)
+        if cfg.data.preference.packing:
+            raise UserError("data.preference.packing: the rm stage reads one reward per sequence from unpacked "
+                            "rows; packing is for dpo")
 
-    if make_valid is not None and cfg.eval.final:
-        result |= held_out_evaluation(trainer, task, make_valid, len(valid_ds), t.global_batch_size)
-    return stage.finish(trainer, meta, s.prepared.tokenizer, result, t_start)
+    def prepare(self, cfg: StageConfig, tokenizer, tokenizer_dir: str, init_dir: Path | None) -> Work:
+        s = self.prepare_pairs(cfg, tokenizer, init_dir)
+        pad = s.prepared.tokenizer.pad_id
+        train_ds = PreferenceDataset(s.train, cfg.data.seq_length, pad)
+        valid_ds = PreferenceDataset(s.held_out, cfg.data.seq_length, pad) if s.held_out else None
+        task = RewardTask(cfg.rm.use_margin, cfg.rm.center_coef)
+        return Work(task, s.vocab, s.prepared.tokenizer, train_ds, valid_ds, self.iterators(cfg),
+                    meta={"head": "scalar"}, result={"data": s.prepared.summary.as_dict()})
+
+    def final_eval(self, trainer: Trainer, work: Work, make_valid) -> dict:
+        return held_out_evaluation(trainer, work.task, make_valid, len(work.valid), trainer.cfg.train.global_batch_size)
 
 
 def held_out_evaluation(trainer: Trainer, task: RewardTask, make_valid, n_pairs: int, global_batch: int) -> dict:
@@ -123,3 +113,6 @@ def _gather_rewards(recorded: list[torch.Tensor]) -> torch.Tensor:
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
     return torch.cat(everyone)
+
+
+STAGE = RewardModel()

@@ -9,19 +9,18 @@ by generation at the end. The loss is the engine's per-token loss over the maske
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
 import torch
 
+from megaflow.algorithms.base import TrainingStage, Work
 from megaflow.config import StageConfig
-from megaflow.config.schema import ModelConfig
 from megaflow.data import packing, sft
 from megaflow.data.records import files_key
 from megaflow.errors import UserError
 from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
-from megaflow.training import checkpoint, init_from, stage
+from megaflow.training import init_from
 from megaflow.training.engine import Trainer, data_parallel_rank_and_size, pad_multiple
 from megaflow.training.lm import LanguageModelTask
 
@@ -46,21 +45,6 @@ class SFTTask(LanguageModelTask):
             kwargs["output_processor"] = gpt.loss_at_positions(loss_mask)
         output = model(tokens, position_ids, attention_mask, labels=labels, packed_seq_params=packed, **kwargs)
         return output, functools.partial(self.loss_func, loss_mask)
-
-
-def check_inputs(cfg: StageConfig) -> None:
-    """Fail before anything is written (or megatron imported): data files, the initial checkpoint."""
-    if not cfg.data.train:
-        raise UserError("data.train: no SFT data given")
-    for i, src in enumerate(cfg.data.train):
-        if not Path(src.path).exists():
-            raise UserError(f"data.train[{i}].path: not found: {src.path}")
-    for i, path in enumerate(cfg.data.sft.valid):
-        if not Path(path).exists():
-            raise UserError(f"data.sft.valid[{i}]: not found: {path}")
-    if not cfg.init_from:
-        raise UserError("init_from: SFT starts from a pretrained model: a megaflow checkpoint or hf:PATH")
-    init_from.check_spec(cfg.init_from, cfg.model if cfg.model.model_fields_set else None)
 
 
 def _options(cfg: StageConfig) -> sft.SFTDataOptions:
@@ -104,63 +88,59 @@ def _init_new_token_rows(model_chunks, old_vocab: int, new_vocab: int) -> None:
             w[new] = mean
 
 
-def main(cfg: StageConfig) -> dict:
-    """`megaflow train sft`: data, model from `init_from`, loop, validation loss, exact match, final checkpoint."""
-    t_start = time.time()
-    check_inputs(cfg)
-    init_dir = init_from.resolve_init_from(cfg.init_from, log=dist.print_rank0)
-    if not cfg.model.model_fields_set:  # no model section: the pretrained model's, as it is
-        cfg.model = ModelConfig(**checkpoint.read_meta(init_dir)["model"])
-    stage.setup_runtime(cfg)
-    if not cfg.tokenizer.path:
-        cfg.tokenizer.path = str(init_dir / "tokenizer")  # the pretrained model's own tokenizer
-    base_tokenizer, _ = stage.ensure_tokenizer(cfg)
-    prepared, train_samples, held_out = prepare_data(cfg, base_tokenizer)
-    tokenizer = prepared.tokenizer
-    vocab = init_from.adopt(cfg, init_dir, base_tokenizer.vocab_size, log=dist.print_rank0)
-    if tokenizer.vocab_size > vocab:
-        raise UserError(f"data.sft.chat_template: the built-in template adds {len(prepared.added_tokens)} tokens "
-                        f"({tokenizer.vocab_size} in all) but the model has {vocab} embedding rows; use a template "
-                        "with the tokenizer's own tokens")
-    cfg.model.vocab_size = tokenizer.vocab_size
+class SFT(TrainingStage):
+    name = "sft"
+    summary = "supervised fine-tuning on chat and instruction data (assistant-only loss, packed rows)"
 
-    t = cfg.train
-    train_ds = sft.SFTDataset(train_samples, cfg.data.seq_length, tokenizer.pad_id, cfg.data.sft.packing)
-    train_ds.record_in(prepared.summary)
-    valid_ds = sft.SFTDataset(held_out, cfg.data.seq_length, tokenizer.pad_id, cfg.data.sft.packing) if held_out else None
-    for line in prepared.summary.lines():
-        dist.print_rank0(line)
-    out_dir = stage.write_resolved_config(cfg)
+    def inputs(self, cfg: StageConfig) -> dict[str, str]:
+        return super().inputs(cfg) | {f"data.sft.valid[{i}]": path for i, path in enumerate(cfg.data.sft.valid)}
 
-    meta = stage.final_meta(cfg, vocab, 0, 0, [str(init_dir)])
-    trainer = Trainer(cfg, SFTTask(), vocab, out_dir, meta)
-    resumed = trainer.maybe_resume()
-    if not resumed:
-        trainer.init_weights_from(init_dir)
+    def prepare(self, cfg: StageConfig, tokenizer, tokenizer_dir: str, init_dir: Path | None) -> Work:
+        prepared, train_samples, held_out = prepare_data(cfg, tokenizer)
+        vocab = init_from.adopt(cfg, init_dir, tokenizer.vocab_size, log=dist.print_rank0)
+        chat_tokenizer = prepared.tokenizer
+        if chat_tokenizer.vocab_size > vocab:
+            raise UserError(f"data.sft.chat_template: the built-in template adds {len(prepared.added_tokens)} tokens "
+                            f"({chat_tokenizer.vocab_size} in all) but the model has {vocab} embedding rows; use a "
+                            "template with the tokenizer's own tokens")
+        cfg.model.vocab_size = chat_tokenizer.vocab_size
+        pad, packed = chat_tokenizer.pad_id, cfg.data.sft.packing
+        train_ds = sft.SFTDataset(train_samples, cfg.data.seq_length, pad, packed)
+        train_ds.record_in(prepared.summary)
+        valid_ds = sft.SFTDataset(held_out, cfg.data.seq_length, pad, packed) if held_out else None
+        for line in prepared.summary.lines():
+            dist.print_rank0(line)
+        return Work(SFTTask(), vocab, chat_tokenizer, train_ds, valid_ds, _iterators(cfg),
+                    result={"data": prepared.summary.as_dict()},
+                    extra={"prepared": prepared, "held_out": held_out, "base_vocab": tokenizer.vocab_size})
+
+    def after_init(self, trainer: Trainer, work: Work) -> None:
+        prepared = work.extra["prepared"]
         if prepared.added_tokens:
-            _init_new_token_rows(trainer.model, base_tokenizer.vocab_size, tokenizer.vocab_size)
+            _init_new_token_rows(trainer.model, work.extra["base_vocab"], prepared.tokenizer.vocab_size)
             trainer.optimizer.reload_model_params()
-    dp_rank, dp_size = data_parallel_rank_and_size()
 
-    def iterators(dataset, consumed: int, shuffle: bool = True):
-        return [sft.SFTBatchIterator(dataset, t.micro_batch_size, dp_rank, dp_size, consumed, t.seed, shuffle,
-                                     pad_multiple(cfg)) for _ in trainer.model]
-
-    make_valid = (lambda: iterators(valid_ds, 0, shuffle=False)) if valid_ds is not None and len(valid_ds) else None
-    status = trainer.train(lambda consumed: iterators(train_ds, consumed), make_valid)
-    result = {"status": status, "step": trainer.state.step, "resumed": resumed, "skipped_steps": trainer.skipped_total,
-              "data": prepared.summary.as_dict()}
-    if status != "done":
-        trainer.close()
-        return result
-
-    if make_valid is not None and cfg.eval.final:
-        final = trainer.evaluate(make_valid, max(1, min(cfg.eval.iters, len(valid_ds) // t.global_batch_size)))
-        result |= {"valid_loss": final["loss"], "valid_ppl": final["ppl"]}
+    def final_eval(self, trainer: Trainer, work: Work, make_valid) -> dict:
+        iters = max(1, min(trainer.cfg.eval.iters, len(work.valid) // trainer.cfg.train.global_batch_size))
+        final = trainer.evaluate(make_valid, iters)
         dist.print_rank0(f"valid loss {final['loss']:.4f}")
-    if cfg.eval.exact_match and held_out:
-        result |= exact_match_of(trainer, tokenizer, prepared.template, held_out, cfg)
-    return stage.finish(trainer, meta, tokenizer, result, t_start)
+        return {"valid_loss": final["loss"], "valid_ppl": final["ppl"]}
+
+    def after_train(self, trainer: Trainer, work: Work) -> dict:
+        cfg, held_out = trainer.cfg, work.extra["held_out"]
+        if not (cfg.eval.exact_match and held_out):
+            return {}
+        return exact_match_of(trainer, work.tokenizer, work.extra["prepared"].template, held_out, cfg)
+
+
+def _iterators(cfg: StageConfig):
+    t = cfg.train
+
+    def make(dataset, n_chunks: int, consumed: int, shuffle: bool) -> list:
+        dp_rank, dp_size = data_parallel_rank_and_size()
+        return [sft.SFTBatchIterator(dataset, t.micro_batch_size, dp_rank, dp_size, consumed, t.seed, shuffle,
+                                     pad_multiple(cfg)) for _ in range(n_chunks)]
+    return make
 
 
 def exact_match_of(trainer: Trainer, tokenizer, template, held_out, cfg: StageConfig) -> dict:
@@ -175,3 +155,6 @@ def exact_match_of(trainer: Trainer, tokenizer, template, held_out, cfg: StageCo
         em = exact_match(model, template, examples, cfg.eval.max_new_tokens)
     dist.print_rank0(f"exact match {em['exact_match']:.1%} on {em['examples']} held-out examples")
     return {"exact_match": em["exact_match"], "exact_match_examples": em["examples"], "exact_match_samples": em["samples"]}
+
+
+STAGE = SFT()

@@ -358,3 +358,46 @@ class StageConfig(Section):
                 f"(global_batch_size / (micro_batch_size * dp) = {n_micro}) to be a multiple of parallel.pp ({p.pp})"
             )
         return dp
+
+
+class TokenizerStageConfig(Section):
+    """The pipeline's `tokenizer` stage: a byte-level BPE trained on local files -> run.dir/tokenizer."""
+
+    stage: Literal["tokenizer"] = "tokenizer"
+    run: RunConfig = Field(default_factory=RunConfig)
+    input: list[str] = Field(min_length=1)
+    vocab_size: int = Field(4096, ge=260)
+    field: str = "text"
+
+
+class PreprocessStageConfig(Section):
+    """The pipeline's `preprocess` stage: text -> megatron indexed files run.dir/preprocess/data.{bin,idx}."""
+
+    stage: Literal["preprocess"] = "preprocess"
+    run: RunConfig = Field(default_factory=RunConfig)
+    input: list[str] = Field(min_length=1)
+    tokenizer: str
+    field: str = "text"
+    workers: int = Field(1, ge=1)
+    split_documents_on: Literal["blank_line", "none"] = "blank_line"
+    invalid_utf8: Literal["replace", "error"] = "replace"
+    max_invalid_utf8: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class EvalStageConfig(Section):
+    """The pipeline's `eval` stage: every named model on the same held-out sets (megaflow/algorithms/evaluate.py)."""
+
+    stage: Literal["eval"] = "eval"
+    run: RunConfig = Field(default_factory=RunConfig)
+    models: dict[str, str] = Field(min_length=1)  # label -> checkpoint (language models), in report order
+    text: str | None = None  # perplexity: a text file, an indexed prefix, or a pretraining checkpoint (its validation split)
+    prompts: str | None = None  # held-out prompt/response jsonl: exact match, and the prompts of win rate and KL
+    preferences: str | None = None  # held-out preference pairs: the reward model's accuracy
+    reward_model: str | None = None  # judges responses: mean reward, win rate
+    reference: str | None = None  # the model win rate and KL compare against (usually SFT's)
+    limit: int = Field(200, ge=1)  # prompts and pairs used
+    max_new_tokens: int = Field(32, ge=1)
+    seq_length: int | None = Field(None, ge=2)
+    batch_size: int = Field(8, ge=1)
+    max_batches: int | None = Field(8, ge=1)  # of the perplexity text
+    seed: int = 1234

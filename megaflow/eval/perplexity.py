@@ -71,11 +71,14 @@ def _stage_config(meta: dict, seq_length: int | None, batch_size: int) -> StageC
 
 
 def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | None = None, batch_size: int = 8,
-                        max_batches: int | None = None, quiet: bool = False) -> dict:
-    """Loss and perplexity of the weights in `ckpt` (a final/ directory) on `data` or its validation split."""
+                        max_batches: int | None = None, quiet: bool = False, split_of: str | None = None) -> dict:
+    """Loss and perplexity of the weights in `ckpt` (a final/ directory) on `data` or on a pretraining
+    checkpoint's validation split: its own, or `split_of`'s (every stage of a pipeline on the same text)."""
     meta = checkpoint.read_meta(ckpt)
     manifest.require_intact(ckpt)  # before any data is built
-    cfg = _stage_config(meta, seq_length, batch_size)
+    split_meta = meta if split_of is None else checkpoint.read_meta(split_of)
+    cfg = _stage_config(meta | {"config": split_meta.get("config")}, seq_length, batch_size)
+    cfg.model = _stage_config(meta, seq_length, batch_size).model
     tokenizer = Tokenizer.load(str(Path(ckpt) / meta.get("tokenizer", "tokenizer")))
     stage.setup_runtime(cfg)
     dp_rank, dp_size = data_parallel_rank_and_size()
@@ -83,12 +86,12 @@ def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | No
     if data is None:
         from megaflow.data.pretrain import build_datasets
 
-        if "eval_samples" not in meta:
-            raise UserError(f"{ckpt}: a checkpoint of the {meta.get('stage', 'unknown')} stage has no validation "
-                            "split of raw text to evaluate by default; pass --data FILE")
+        if "eval_samples" not in split_meta:
+            raise UserError(f"{split_of or ckpt}: a checkpoint of the {split_meta.get('stage', 'unknown')} stage has "
+                            "no validation split of raw text to evaluate by default; pass --data FILE")
 
         # The same sample counts as the stage asked for, so megatron builds the same shuffle.
-        n, built = meta["eval_samples"], meta["valid_samples_built"]
+        n, built = split_meta["eval_samples"], split_meta["valid_samples_built"]
         _, dataset, _, _ = build_datasets(cfg, tokenizer, str(Path(ckpt) / "tokenizer"), [1, built, 1],
                                           log=(lambda _: None) if quiet else dist.print_rank0)
         if dataset is None:

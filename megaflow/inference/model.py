@@ -141,20 +141,6 @@ class InferenceModel:
                                         group=ps.get_pipeline_model_parallel_group())
         return tensor
 
-    # --- conveniences --------------------------------------------------------------------------------
-
-    def generate(self, prompts, params=None, **kwargs):
-        """`megaflow.inference.generate.generate(self, prompts, params, ...)`."""
-        from megaflow.inference.generate import generate
-
-        return generate(self, prompts, params, **kwargs)
-
-    def score(self, prompts, continuations, **kwargs):
-        """`megaflow.inference.scoring.score(self, prompts, continuations, ...)`."""
-        from megaflow.inference.scoring import score
-
-        return score(self, prompts, continuations, **kwargs)
-
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise UserError("this model has no tokenizer: pass token ids")

@@ -47,8 +47,9 @@ def run(task_name: str, layout: str, parallel: dict, out: Path, reference: bool 
     from megaflow.algorithms.dpo import DPOTask
     from megaflow.algorithms.rm import RewardTask
     from megaflow.runtime import distributed as dist
-    from megaflow.training import checkpoint, preference
-    from megaflow.training import reference as ref
+    from megaflow.algorithms import preference
+    from megaflow.algorithms import reference as ref
+    from megaflow.training import checkpoint
     from megaflow.training.engine import Trainer
 
     cfg = stage_config(parallel)

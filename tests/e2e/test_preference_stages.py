@@ -152,7 +152,7 @@ def test_preference_stage_bad_inputs_are_one_line(workdir, tmp_path, tiny_sft):
     cases = [
         ("rm", ["init_from=null"], "init_from: the rm stage starts from a trained model"),
         ("dpo", [init, f"data.train=[{{path: {bad}}}]", "data.preference.valid=[]"], f"{bad}:2:"),
-        ("rm", [init, "data.train=[{path: nope.jsonl}]"], "data.train[0].path: not found"),
+        ("rm", [init, "data.train=[{path: nope.jsonl}]"], "data.train[0].path: file not found"),
         ("dpo", [init, "dpo.reference=live", "parallel.pp=2"], "dpo.reference=live"),
         ("dpo", [init, "dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing applies to"),
     ]

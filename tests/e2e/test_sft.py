@@ -75,10 +75,10 @@ def test_sft_bad_inputs_are_one_line(workdir, tmp_path, tiny_pretrain):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "response": "ho"}\n{"prompt": "only a prompt"}\n')
     cases = [
-        (["init_from=null"], "init_from: SFT starts from a pretrained model"),
+        (["init_from=null"], "init_from: the sft stage starts from a trained model"),
         ([f"init_from={tiny_pretrain / 'final'}", f"data.train=[{{path: {bad}}}]", "data.sft.valid=[]"],
          f"{bad}:2:"),
-        ([f"init_from={tiny_pretrain / 'final'}", "data.train=[{path: nope.jsonl}]"], "data.train[0].path: not found"),
+        ([f"init_from={tiny_pretrain / 'final'}", "data.train=[{path: nope.jsonl}]"], "data.train[0].path: file not found"),
     ]
     for overrides, needle in cases:
         proc = run_megaflow("train", "sft", "--config", str(SFT_CONFIG), f"run.dir={tmp_path / 'run'}", *overrides,

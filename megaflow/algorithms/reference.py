@@ -23,7 +23,8 @@ from megaflow.data.pair_packing import PackedPreferenceDataset
 from megaflow.data.preference import PreferenceDataset, PreferenceSample
 from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
-from megaflow.training import checkpoint, preference
+from megaflow.algorithms import preference
+from megaflow.training import checkpoint
 from megaflow.training.engine import data_parallel_rank_and_size, forward_backward
 
 

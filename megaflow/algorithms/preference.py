@@ -1,5 +1,5 @@
-"""What the preference stages (reward model, DPO) share: their inputs, the start from an SFT checkpoint,
-the preference data with its held-out split, and micro-batches of (chosen, rejected) rows.
+"""What the preference stages (reward model, DPO) share: their inputs and data with its held-out split
+(PreferenceStage), and micro-batches of (chosen, rejected) rows.
 
 A micro-batch of m pairs is one [2m, seq] forward, chosen rows first (megaflow.data.preference; the
 engine counts `rows_per_sample = 2` rows per sample for throughput and pipeline shapes), or, packed
@@ -15,35 +15,57 @@ from pathlib import Path
 
 import torch
 
+from megaflow.algorithms.base import TrainingStage
 from megaflow.config import StageConfig
-from megaflow.config.schema import ModelConfig
 from megaflow.data import preference
 from megaflow.data.records import files_key
 from megaflow.data.sft import split_holdout
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
-from megaflow.training import checkpoint, init_from, stage
+from megaflow.training import init_from
 from megaflow.training.lm import causal_mask
 
 
-def check_inputs(cfg: StageConfig) -> None:
-    """Fail before anything is written (or megatron imported): data files, the initial checkpoint, layout."""
-    if not cfg.data.train:
-        raise UserError(f"data.train: no preference data given ({cfg.stage} trains on chosen/rejected pairs)")
-    for i, src in enumerate(cfg.data.train):
-        if not Path(src.path).exists():
-            raise UserError(f"data.train[{i}].path: not found: {src.path}")
-    for i, path in enumerate(cfg.data.preference.valid):
-        if not Path(path).exists():
-            raise UserError(f"data.preference.valid[{i}]: not found: {path}")
-    if not cfg.init_from:
-        raise UserError(f"init_from: the {cfg.stage} stage starts from a trained model: a megaflow checkpoint "
-                        "(usually the SFT stage's final/) or hf:PATH")
-    init_from.check_spec(cfg.init_from, cfg.model if cfg.model.model_fields_set else None,
-                         language_model=cfg.stage != "rm")
-    if cfg.parallel.cp > 1:
-        raise UserError(f"parallel.cp={cfg.parallel.cp}: the {cfg.stage} stage does not support context parallelism yet")
+class PreferenceStage(TrainingStage):
+    """The reward model and DPO: pairs from files (the held-out files, else a seeded fraction), a start
+    from a trained checkpoint (usually SFT's), micro-batches of (chosen, rejected) rows."""
+
+    def inputs(self, cfg: StageConfig) -> dict[str, str]:
+        valid = cfg.data.preference.valid
+        return super().inputs(cfg) | {f"data.preference.valid[{i}]": path for i, path in enumerate(valid)}
+
+    def check(self, cfg: StageConfig) -> None:
+        if not cfg.data.train:
+            raise UserError(f"data.train: no preference data given ({self.name} trains on chosen/rejected pairs)")
+        super().check(cfg)
+        if cfg.parallel.cp > 1:
+            raise UserError(f"parallel.cp={cfg.parallel.cp}: the {self.name} stage does not support context "
+                            "parallelism yet")
+
+    def prepare_pairs(self, cfg: StageConfig, base_tokenizer: Tokenizer, init_dir: Path) -> Pairs:
+        opts = options(cfg)
+        dist.print_rank0(f"data: reading and tokenizing {files_key('data.train', [src.path for src in cfg.data.train])}")
+        prepared = preference.prepare([src.path for src in cfg.data.train], base_tokenizer, opts)
+        if cfg.data.preference.valid:
+            held_out = preference.tokenize_pairs(preference.load_pairs(cfg.data.preference.valid, opts),
+                                                 prepared.template, opts,
+                                                 source=files_key("data.preference.valid", cfg.data.preference.valid))
+            train = prepared.samples
+        else:
+            train, held_out = split_holdout(prepared.samples, cfg.data.preference.valid_fraction, cfg.train.seed)
+        vocab = init_from.adopt(cfg, init_dir, base_tokenizer.vocab_size, log=dist.print_rank0)
+        if prepared.tokenizer.vocab_size > base_tokenizer.vocab_size:
+            raise UserError(f"data.preference.chat_template: the template adds tokens {prepared.added_tokens} that "
+                            f"the model from {cfg.init_from} never learned; use the SFT stage's template (the "
+                            "tokenizer's own)")
+        for line in prepared.summary.lines():
+            dist.print_rank0(line)
+        dist.print_rank0(f"{len(train)} training pairs, {len(held_out)} held out")
+        return Pairs(prepared, train, held_out, vocab)
+
+    def iterators(self, cfg: StageConfig):
+        return lambda dataset, n_chunks, consumed, shuffle: batch_iterators(cfg, n_chunks, dataset, consumed, shuffle)
 
 
 def options(cfg: StageConfig) -> preference.PreferenceDataOptions:
@@ -52,44 +74,11 @@ def options(cfg: StageConfig) -> preference.PreferenceDataOptions:
 
 
 @dataclass
-class Start:
-    init_dir: Path  # the checkpoint the stage starts from
-    base_tokenizer: Tokenizer  # the checkpoint's tokenizer
+class Pairs:
     prepared: preference.PreparedPreference  # its tokenizer may hold the chat template's added tokens
     train: list[preference.PreferenceSample]
     held_out: list[preference.PreferenceSample]
     vocab: int  # padded vocabulary size to build the model with
-
-
-def start(cfg: StageConfig) -> Start:
-    """Resolve the initial checkpoint, take its model (unless the config gives one) and tokenizer, set up
-    the processes, and prepare the preference data: the held-out files, else a seeded fraction."""
-    check_inputs(cfg)
-    init_dir = init_from.resolve_init_from(cfg.init_from, log=dist.print_rank0)
-    if not cfg.model.model_fields_set:
-        cfg.model = ModelConfig(**checkpoint.read_meta(init_dir)["model"])
-    stage.setup_runtime(cfg)
-    if not cfg.tokenizer.path:
-        cfg.tokenizer.path = str(init_dir / "tokenizer")
-    base_tokenizer, _ = stage.ensure_tokenizer(cfg)
-    opts = options(cfg)
-    dist.print_rank0(f"data: reading and tokenizing {files_key('data.train', [src.path for src in cfg.data.train])}")
-    prepared = preference.prepare([src.path for src in cfg.data.train], base_tokenizer, opts)
-    if cfg.data.preference.valid:
-        held_out = preference.tokenize_pairs(preference.load_pairs(cfg.data.preference.valid, opts),
-                                             prepared.template, opts,
-                                             source=files_key("data.preference.valid", cfg.data.preference.valid))
-        train = prepared.samples
-    else:
-        train, held_out = split_holdout(prepared.samples, cfg.data.preference.valid_fraction, cfg.train.seed)
-    vocab = init_from.adopt(cfg, init_dir, base_tokenizer.vocab_size, log=dist.print_rank0)
-    if prepared.tokenizer.vocab_size > base_tokenizer.vocab_size:
-        raise UserError(f"data.preference.chat_template: the template adds tokens {prepared.added_tokens} that the "
-                        f"model from {cfg.init_from} never learned; use the SFT stage's template (the tokenizer's own)")
-    for line in prepared.summary.lines():
-        dist.print_rank0(line)
-    dist.print_rank0(f"{len(train)} training pairs, {len(held_out)} held out")
-    return Start(init_dir, base_tokenizer, prepared, train, held_out, vocab)
 
 
 def batch_iterators(cfg: StageConfig, n_chunks: int, dataset, consumed: int = 0, shuffle: bool = True) -> list:

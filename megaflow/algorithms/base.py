@@ -1,0 +1,147 @@
+"""The stage contract: what `megaflow train STAGE` and `megaflow run` need to know about a stage.
+
+A stage is one module in algorithms/ with a `Stage` subclass and one line in registry.py. The contract:
+
+    name            the stage's name, also its directory under run.dir and its pipeline key
+    schema          the pydantic model of its config (StageConfig for training stages)
+    inputs(cfg)     the artifacts it reads, {config key: path}: checked to exist before anything is
+                    written, hashed by the pipeline to tell when it must run again
+    check(cfg)      its own rules, before anything is written or megatron imported
+    run(cfg)        do the work; returns the stage's result (what eval.json holds)
+    output(cfg)     the artifact a later stage reads (`${stages.NAME.output}`)
+    is_complete(cfg) whether a finished run of this config is on disk
+
+Training stages subclass `TrainingStage`: the shared sequence around their loop lives in runner.py, and a
+stage module supplies only its data, its task and its evaluations (the hooks below).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel
+
+from megaflow.config.schema import StageConfig
+from megaflow.errors import UserError
+
+
+class Stage:
+    name: ClassVar[str]
+    schema: ClassVar[type[BaseModel]] = StageConfig
+    summary: ClassVar[str] = ""  # one line for --help and the pipeline's plan
+
+    def stage_dir(self, cfg) -> Path:
+        return Path(cfg.run.dir) / self.name
+
+    def inputs(self, cfg) -> dict[str, str]:
+        """{config key: path} of every file or checkpoint the stage reads."""
+        return {}
+
+    def check(self, cfg) -> None:
+        """Rules of this stage beyond the schema's, before anything is written (inputs excluded)."""
+
+    def run(self, cfg) -> dict:
+        raise NotImplementedError
+
+    def output(self, cfg) -> Path:
+        return self.stage_dir(cfg) / "final"
+
+    def result(self, cfg) -> dict | None:
+        """The result a finished run recorded (eval.json), or None."""
+        path = self.stage_dir(cfg) / "eval.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def is_complete(self, cfg) -> bool:
+        result = self.result(cfg)
+        return bool(result) and result.get("status", "done") == "done" and self.output(cfg).exists()
+
+
+def check_inputs_exist(stage: Stage, cfg, pending: frozenset[str] = frozenset()) -> None:
+    """Every input exists, except those a pipeline stage upstream will make (`pending`)."""
+    for key, path in stage.inputs(cfg).items():
+        if path is None or str(path) in pending or str(path).startswith("hf:"):
+            continue
+        if not Path(path).exists() and not _indexed_prefix(path):
+            raise UserError(f"{key}: file not found: {path}")
+
+
+def _indexed_prefix(path: str) -> bool:
+    p = Path(str(path).removesuffix(".bin").removesuffix(".idx"))
+    return p.with_name(p.name + ".bin").is_file() and p.with_name(p.name + ".idx").is_file()
+
+
+@dataclass
+class Work:
+    """What a training stage's `prepare` hands the runner: everything its loop needs."""
+
+    task: Any  # a megaflow.training.engine.Task
+    vocab: int  # padded vocabulary size to build the model with
+    tokenizer: Any  # the tokenizer saved with the final checkpoint
+    train: Any  # the training dataset
+    valid: Any = None  # the held-out dataset, or None
+    iterators: Callable | None = None  # (dataset, n_chunks, consumed, shuffle) -> [iterator per model chunk]
+    meta: dict = field(default_factory=dict)  # extra megaflow.json fields of the final checkpoint
+    data_position: Callable | None = None  # consumed samples -> readable breakdown (pretraining blends)
+    result: dict = field(default_factory=dict)  # extra fields of eval.json (data summary)
+    extra: dict = field(default_factory=dict)  # whatever the stage's own hooks need later
+
+
+class TrainingStage(Stage):
+    """A stage that trains a model with the engine. `run` is the shared runner (runner.run_training);
+    a subclass supplies `prepare` and, where it needs them, the other hooks."""
+
+    model_from_init: ClassVar[bool] = True  # no model section: the initial checkpoint's model
+    needs_init: ClassVar[bool] = True  # starts from a trained checkpoint (init_from)
+    language_model_init: ClassVar[bool] = True  # init_from must be a language model, not a reward model
+
+    def inputs(self, cfg: StageConfig) -> dict[str, str]:
+        out = {f"data.train[{i}].path": src.path for i, src in enumerate(cfg.data.train)}
+        if cfg.init_from:
+            out["init_from"] = cfg.init_from
+        return out
+
+    def check(self, cfg: StageConfig) -> None:
+        if not cfg.data.train:
+            raise UserError(f"data.train: no training data given for the {self.name} stage")
+        if self.needs_init and not cfg.init_from:
+            raise UserError(f"init_from: the {self.name} stage starts from a trained model: a megaflow "
+                            "checkpoint or hf:PATH")
+
+    def check_init(self, cfg: StageConfig) -> None:
+        """init_from is a checkpoint of a model this stage can start from (once it exists)."""
+        from megaflow.training import init_from
+
+        model = cfg.model if (cfg.model.model_fields_set or not self.model_from_init) else None
+        init_from.check_spec(cfg.init_from, model, language_model=self.language_model_init)
+
+    def run(self, cfg: StageConfig) -> dict:
+        from megaflow.algorithms.runner import run_training
+
+        return run_training(self, cfg)
+
+    # -- hooks of the runner (runner.py) --------------------------------------------------------------
+
+    def prepare(self, cfg: StageConfig, tokenizer, tokenizer_dir: str, init_dir: Path | None) -> Work:
+        """The stage's data, task and vocabulary, once the processes and the tokenizer are set up."""
+        raise NotImplementedError
+
+    def after_init(self, trainer, work: Work) -> None:
+        """After a fresh start's weights are loaded from init_from (not on resume)."""
+
+    def before_train(self, trainer, work: Work, make_valid, resumed: bool) -> dict:
+        """Evaluations before the first step; their results go into eval.json."""
+        return {}
+
+    def final_eval(self, trainer, work: Work, make_valid) -> dict:
+        """The held-out evaluation of the trained model (with `eval.final`)."""
+        return {}
+
+    def after_train(self, trainer, work: Work) -> dict:
+        """Other evaluations of the finished model (SFT's exact match by generation)."""
+        return {}

@@ -1,0 +1,241 @@
+"""`megaflow run` on a micro pipeline (a few steps per stage): resume after a crash in each stage and after
+a real kill -9 gives the uninterrupted run's metrics; an unchanged rerun runs nothing; a changed stage
+reruns with its descendants only; gates; the lock; invalid pipelines fail before anything runs."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_megaflow
+
+STAGES = REPO / "configs" / "stages"
+SFT_DATA = REPO / "data" / "sample" / "sft-words"
+PREF_DATA = REPO / "data" / "sample" / "pref-words"
+
+
+def micro_pipeline(root: Path, corpus: Path) -> Path:
+    """tokenizer -> preprocess -> pretrain -> sft -> rm, dpo -> eval, each a few steps with checkpoints."""
+    path = root / "micro.yaml"
+    path.write_text(f"""
+run: {{name: micro, dir: {root / 'run'}}}
+stages:
+  tokenizer: {{input: [{corpus}], vocab_size: 512}}
+  preprocess: {{input: [{corpus}], tokenizer: "${{stages.tokenizer.output}}"}}
+  pretrain:
+    config: {STAGES / 'pretrain-test.yaml'}
+    tokenizer: {{path: "${{stages.tokenizer.output}}", train_if_missing: null}}
+    data: {{train: [{{path: "${{stages.preprocess.output}}"}}], split: [90, 10, 0]}}
+    train: {{steps: 6, warmup_steps: 1}}
+    eval: {{every: 0, iters: 1}}
+    checkpoint: {{every: 2}}
+    gate: ["valid_ppl < 10 * unigram_ppl"]
+  sft:
+    config: {STAGES / 'sft-tiny.yaml'}
+    init_from: ${{stages.pretrain.output}}
+    data: {{train: [{{path: {SFT_DATA / 'train.jsonl'}}}], sft: {{valid: [{SFT_DATA / 'heldout.jsonl'}]}}}}
+    train: {{steps: 6, warmup_steps: 1, micro_batch_size: 8}}
+    eval: {{exact_match: 8, max_new_tokens: 4}}
+    checkpoint: {{every: 2}}
+  rm:
+    config: {STAGES / 'rm-tiny.yaml'}
+    init_from: ${{stages.sft.output}}
+    data: {{train: [{{path: {PREF_DATA / 'train.jsonl'}}}], preference: {{valid: [{PREF_DATA / 'heldout.jsonl'}]}}}}
+    train: {{steps: 4, warmup_steps: 1, micro_batch_size: 8}}
+    checkpoint: {{every: 2}}
+  dpo:
+    config: {STAGES / 'dpo-tiny.yaml'}
+    init_from: ${{stages.sft.output}}
+    data: {{train: [{{path: {PREF_DATA / 'train.jsonl'}}}], preference: {{valid: [{PREF_DATA / 'heldout.jsonl'}]}}}}
+    train: {{steps: 4, warmup_steps: 1, micro_batch_size: 8}}
+    checkpoint: {{every: 2}}
+  eval:
+    models: {{pretrain: "${{stages.pretrain.output}}", sft: "${{stages.sft.output}}", dpo: "${{stages.dpo.output}}"}}
+    text: ${{stages.pretrain.output}}
+    prompts: {SFT_DATA / 'heldout.jsonl'}
+    preferences: {PREF_DATA / 'heldout.jsonl'}
+    reward_model: ${{stages.rm.output}}
+    reference: sft
+    limit: 8
+    max_new_tokens: 4
+    max_batches: 2
+""")
+    return path
+
+
+def _record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "pipeline.json").read_text())["stages"]
+
+
+def _metrics(run_dir: Path) -> dict:
+    """Every stage's final metrics, timings left out."""
+    return {name: {k: v for k, v in rec["metrics"].items() if k not in ("minutes",)}
+            for name, rec in _record(run_dir).items()}
+
+
+def _actions(stdout: str) -> dict[str, str]:
+    """The plan's action per stage, from the lines `  NAME  ACTION  reason`."""
+    out = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if line.startswith("  ") and len(parts) >= 2 and parts[1] in ("run", "skip", "resume", "rerun", "keep"):
+            out.setdefault(parts[0], parts[1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("pipeline-a")
+    path = micro_pipeline(root, corpus)
+    proc = run_megaflow("run", str(path), cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return root, path
+
+
+@pytest.mark.slow
+def test_micro_pipeline_runs_every_stage_and_reports(baseline):
+    root, _ = baseline
+    run_dir = root / "run"
+    rec = _record(run_dir)
+    assert list(rec) == ["tokenizer", "preprocess", "pretrain", "sft", "rm", "dpo", "eval"]
+    assert all(r["status"] == "done" for r in rec.values())
+    models = json.loads((run_dir / "eval" / "eval.json").read_text())["models"]
+    assert set(models) == {"pretrain", "sft", "dpo"}
+    for m in models.values():
+        assert {"ppl", "exact_match", "reward"} <= set(m)
+    assert models["sft"]["kl_to_sft"] == 0.0 and "win_rate_vs_sft" in models["dpo"]
+    low, w, high = (models["dpo"][f"win_rate_vs_sft{s}"] for s in ("_low", "", "_high"))
+    assert 0 <= low <= w <= high <= 1
+    # the eval stage's perplexity of the pretrained model is its own final validation perplexity
+    assert models["pretrain"]["ppl"] == pytest.approx(rec["pretrain"]["metrics"]["valid_ppl"], rel=1e-4)
+    report = (run_dir / "report.md").read_text()
+    assert "What each stage bought" in report and "| dpo |" in report and "passed" in report
+    assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and (run_dir / "plots" / "eval.png").is_file()
+
+
+@pytest.mark.slow
+def test_crashes_and_a_kill_9_resume_to_the_same_metrics(baseline, tmp_path, corpus):
+    """A crash in each training stage in turn (MEGAFLOW_FAULT), and one real kill -9 of the runner, each
+    followed by `megaflow run` again: the final metrics equal the uninterrupted run's."""
+    expected = _metrics(baseline[0] / "run")
+    path = micro_pipeline(tmp_path, corpus)
+    run_dir = tmp_path / "run"
+    for fault, stage in [("kill@pretrain:3", "pretrain"), ("kill@rm:3", "rm"), ("kill@dpo:3", "dpo")]:
+        proc = run_megaflow("run", str(path), cwd=tmp_path, env={"MEGAFLOW_FAULT": fault})
+        assert proc.returncode != 0 and f"stage {stage} failed" in proc.stderr, proc.stderr[-2000:]
+        assert _record(run_dir)[stage]["status"] == "failed"
+        assert (run_dir / "report.md").is_file()
+        if stage == "pretrain":  # a real kill -9 of the runner while sft trains
+            cmd = [sys.executable, "-m", "megaflow", "run", str(path)]
+            runner = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "TQDM_DISABLE": "1"},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            latest = run_dir / "sft" / "checkpoints" / "latest"
+            deadline = time.time() + 300
+            while not latest.exists() and runner.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert runner.poll() is None, "the runner ended before sft saved a checkpoint"
+            os.kill(runner.pid, signal.SIGKILL)
+            runner.wait()
+            _wait_for_no_trainer(run_dir)
+            assert _record(run_dir)["sft"]["status"] == "running"
+    proc = run_megaflow("run", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    actions = _actions(proc.stdout)
+    assert actions["dpo"] == "resume" and actions["sft"] == "skip", proc.stdout
+    rec = _record(run_dir)
+    assert rec["pretrain"]["attempts"] == 2 and rec["sft"]["attempts"] == 2 and rec["dpo"]["attempts"] == 2
+    got = _metrics(run_dir)
+    for stage in expected:
+        for k, v in expected[stage].items():
+            assert got[stage][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (stage, k)
+
+
+def _wait_for_no_trainer(run_dir: Path, timeout: float = 30) -> None:
+    """The stage's processes die with the runner (PR_SET_PDEATHSIG): the lock is free and nothing trains."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["pgrep", "-f", str(run_dir / ".pipeline")], capture_output=True, text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(0.2)
+    raise AssertionError("a stage's process outlived its runner")
+
+
+@pytest.mark.slow
+def test_a_failing_gate_stops_after_writing_the_report(baseline):
+    root, path = baseline
+    run_dir = root / "run"
+    (run_dir / "report.md").unlink()
+    proc = run_megaflow("run", str(path), "rm.gate=[valid_accuracy > 1.5]", cwd=root)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megaflow:")]
+    assert proc.returncode == 3 and len(lines) == 1, proc.stderr[-2000:]
+    assert "gate of stage rm failed: valid_accuracy > 1.5" in lines[0]
+    assert "**failed**" in (run_dir / "report.md").read_text()
+    assert _actions(proc.stdout)["rm"] == "skip"  # a gate is checked again without training again
+    assert "== dpo" not in proc.stdout and "== eval" not in proc.stdout  # nothing runs after a failed gate
+
+
+@pytest.mark.slow
+def test_unchanged_rerun_runs_nothing_and_a_change_reruns_descendants(baseline):
+    root, path = baseline
+    run_dir = root / "run"
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "pretrain" / "final").rglob("*")}
+    proc = run_megaflow("run", str(path), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(_actions(proc.stdout).values()) == {"skip"}, proc.stdout
+    assert "== " not in proc.stdout  # no stage started
+
+    proc = run_megaflow("run", str(path), "sft.train.lr=1.0e-3", "--dry-run", cwd=root)
+    actions = _actions(proc.stdout)
+    assert actions == {"tokenizer": "skip", "preprocess": "skip", "pretrain": "skip", "sft": "rerun",
+                       "rm": "rerun", "dpo": "rerun", "eval": "rerun"}, proc.stdout
+    assert "config changed: train.lr" in proc.stdout
+
+    proc = run_megaflow("run", str(path), "sft.train.lr=1.0e-3", "--only", "sft", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _actions(proc.stdout)["sft"] == "rerun" and _actions(proc.stdout)["rm"] == "keep"
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "pretrain" / "final").rglob("*")} == stamps
+
+
+def test_a_second_runner_on_the_same_run_dir_is_refused(tmp_path, corpus):
+    path = micro_pipeline(tmp_path, corpus)
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / "pipeline.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 1 on elsewhere\n")
+        held.flush()
+        proc = run_megaflow("run", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and "another `megaflow run` is running this pipeline" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "pipeline.json").exists()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.replace("init_from: ${stages.pretrain.output}", "init_from: ${stages.dpo.output}"),
+     "a cycle of references: sft -> dpo -> sft"),
+    (lambda t: t.replace("  eval:\n", "  evaluate:\n"), "stages.evaluate: unknown stage"),
+    (lambda t: t.replace("init_from: ${stages.pretrain.output}", "init_from: ${stages.pretrian.output}"),
+     "stages.sft.init_from: ${stages.pretrian.output} names no stage"),
+    (lambda t: t.replace(str(SFT_DATA / "heldout.jsonl") + "]}}", "nope.jsonl]}}"),
+     "stages.sft: data.sft.valid[0]: file not found: nope.jsonl"),
+    (lambda t: t.replace("train: {steps: 4, warmup_steps: 1, micro_batch_size: 8}\n    checkpoint: {every: 2}\n  dpo",
+                         "train: {stepz: 4}\n  dpo"),
+     "stages.rm: train.stepz: unknown config key"),
+])
+def test_invalid_pipelines_fail_before_anything_runs(tmp_path, corpus, edit, needle):
+    path = micro_pipeline(tmp_path, corpus)
+    text = path.read_text()
+    changed = edit(text)
+    assert changed != text
+    path.write_text(changed)
+    proc = run_megaflow("run", str(path), cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
