@@ -225,7 +225,9 @@ def _relaunch(nproc: int) -> int:
         argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
     cmd = [sys.executable, "-m", "megaflow.runtime.launch", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "megaflow", *argv]
-    return subprocess.call(cmd)
+    from megaflow.runtime.launch import die_with_parent
+
+    return subprocess.call(cmd, preexec_fn=die_with_parent)  # the launcher ends with this process
 
 
 def _cmd_train(args) -> int:
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "no_checksums", False):  # read by every checkpoint loader, and by relaunched ranks
-        from megaflow.training.manifest import NO_CHECKSUMS
+        from megaflow.models.manifest import NO_CHECKSUMS
 
         os.environ[NO_CHECKSUMS] = "1"
     try:

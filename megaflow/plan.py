@@ -47,7 +47,7 @@ Clusters Using Megatron-LM", appendix):
   GPT-3 and the published Llama budgets count; for an untied model this counts the embedding lookup as a
   matmul). The attention term is QKᵀ and scores·V: 4·s·q FLOPs per token and layer forward, ×3 with the
   backward, halved because causal attention computes only the lower triangle, as Megatron-LM's
-  num_floating_point_operations and megaflow's MFU metric (models/gpt.flops_per_step) do; Narayanan et al.
+  num_floating_point_operations and megaflow's MFU metric (models/size.flops_per_step) do; Narayanan et al.
   count the full matrix, 12·L·s·h·D (= 2× this). MFU counts model FLOPs: recomputation is not in it.
     GPU-hours = FLOPs / (peak · MFU) / 3600,  wall-clock = GPU-hours / GPUs,  cost = GPU-hours · price
 """
@@ -61,63 +61,12 @@ from pathlib import Path
 from megaflow.config import StageConfig, load_config, load_yaml_tree
 from megaflow.config.schema import ModelConfig
 from megaflow.errors import UserError
+from megaflow.models.size import ParamCount, count_parameters, padded_vocab_size, training_flops  # noqa: F401
 
 GiB = 2**30
 # Dense tensor-core peaks of an H100 SXM, TFLOP/s (fp32: megaflow enables no TF32, so plain FP32).
 PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0, "fp32": 67.0}
 OVERHEAD_GIB = 3.0
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
-    """megatron pads the embedding so every TP shard has as many rows. The same rule as
-    megaflow.models.gpt.padded_vocab_size, repeated here because that module imports torch."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
-# ---------------------------------------------------------------------------------------------- parameters
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameters of the whole model by part. A layer's `layer_split` part is divided over TP ranks;
-    `layer_whole` (norms, the row-parallel biases) is replicated on each."""
-
-    num_layers: int
-    layer_split: int
-    layer_whole: int
-    word_embedding: int  # V·h, split over TP
-    position_embedding: int  # S_max·h for learned positions, whole on each TP rank
-    output_layer: int  # V·h, 0 when tied to the embedding
-    final_norm: int
-
-    @property
-    def layer(self) -> int:
-        return self.layer_split + self.layer_whole
-
-    @property
-    def total(self) -> int:
-        return (self.num_layers * self.layer + self.word_embedding + self.position_embedding
-                + self.output_layer + self.final_norm)
-
-
-def count_parameters(model: ModelConfig, vocab_size: int) -> ParamCount:
-    """The parameters megatron's GPTModel allocates for `model` with a `vocab_size`-row embedding."""
-    h, f = model.hidden_size, model.ffn_hidden_size
-    d = model.kv_channels or h // model.num_attention_heads
-    q, k = model.num_attention_heads * d, model.query_groups * d
-    up = 2 if model.activation == "swiglu" else 1  # SwiGLU: gate and up projections in one fc1
-    norm = 2 * h if model.normalization == "LayerNorm" else h
-    bias, qkv_bias = model.add_bias_linear, model.add_bias_linear or model.add_qkv_bias
-    split = h * (q + 2 * k) + q * h + up * h * f + f * h
-    split += (q + 2 * k if qkv_bias else 0) + (up * f if bias else 0)
-    whole = 2 * norm + (2 * h if bias else 0)  # projection and fc2 biases are added after the all-reduce
-    learned = model.position_embedding == "learned"
-    return ParamCount(
-        num_layers=model.num_layers, layer_split=split, layer_whole=whole, word_embedding=vocab_size * h,
-        position_embedding=model.max_position_embeddings * h if learned else 0,
-        output_layer=0 if model.tie_embeddings else vocab_size * h, final_norm=norm,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -312,12 +261,6 @@ class Compute:
     @property
     def cost(self) -> float | None:
         return None if self.price is None else self.gpu_hours * self.price
-
-
-def training_flops(model: ModelConfig, params: int, tokens: float, seq_length: int) -> tuple[float, float]:
-    """(6·N·D, causal attention term 6·L·s·q·D) — see the module docstring."""
-    d = model.kv_channels or model.hidden_size // model.num_attention_heads
-    return 6.0 * params * tokens, 6.0 * model.num_layers * seq_length * model.num_attention_heads * d * tokens
 
 
 # ---------------------------------------------------------------------------------------------- the plan

@@ -88,22 +88,28 @@ def work_megaflow(spec: dict) -> dict:
     reference log-probs, DPOTask, Trainer.train), minus held-out evaluation and saving; pairs in file order."""
     from megaflow.algorithms.dpo import DPOTask
     from megaflow.config import load_config
-    from megaflow.data.preference import PreferenceBatchIterator
-    from megaflow.data.sft import SFTBatchIterator
+    from megaflow.algorithms import reference
+    from megaflow.algorithms.dpo import STAGE as DPO
+    from megaflow.data.preference import collate_pairs
+    from megaflow.data.sampler import MicroBatches, stack
     from megaflow.models.gpt import use_transformer_engine
-    from megaflow.algorithms import preference, reference
-    from megaflow.training.engine import Trainer, pad_multiple
+    from megaflow.training import init_from, stage
+    from megaflow.algorithms.base import pad_multiple
+    from megaflow.training.engine import Trainer
 
     run_dir, batch = Path(spec["dir"]) / "run", spec["batch"]
     cfg = load_config(None, [*megaflow_overrides(spec), f"run.dir={run_dir}", f"init_from={spec['ckpt']}",
                              f"data.train=[{{path: {spec['pairs']}}}]"])
     t0 = time.perf_counter()
-    s = preference.start(cfg)  # runtime, the checkpoint's tokenizer and template, tokenized pairs
+    init_dir = init_from.resolve_init_from(cfg.init_from)  # as the runner: runtime, the checkpoint's tokenizer
+    stage.setup_runtime(cfg)
+    cfg.tokenizer.path = str(init_dir / "tokenizer")
+    s = DPO.prepare_pairs(cfg, stage.ensure_tokenizer(cfg)[0], init_dir)  # its template, tokenized pairs
     assert s.prepared.template.source == bench_sft.TEMPLATE and not s.prepared.added_tokens
     assert len(s.train) == spec["pairs_used"] and not s.held_out and s.prepared.summary.truncated == 0
     pad = s.prepared.tokenizer.pad_id
     t_ref = time.perf_counter()
-    ref, _, computed = reference.cached_logps(cfg, s.vocab, s.init_dir, s.train, pad, run_dir / "cache")
+    ref, _, computed = reference.cached_logps(cfg, s.vocab, init_dir, s.train, pad, run_dir / "cache")
     ref_s = time.perf_counter() - t_ref
     assert computed
     packed = cfg.data.preference.packing
@@ -112,10 +118,10 @@ def work_megaflow(spec: dict) -> dict:
         batch = -(-len(data) // (spec["warmup"] + spec["steps"]))
         cfg.train.micro_batch_size = cfg.train.global_batch_size = batch
     trainer = Trainer(cfg, DPOTask(spec["loss_type"], BETA, packed=packed), s.vocab, run_dir / "dpo")
-    trainer.init_weights_from(s.init_dir)
+    trainer.init_weights_from(init_dir)
     stats, ends, losses = [], [], []
 
-    class Counted(SFTBatchIterator if packed else PreferenceBatchIterator):
+    class Counted(MicroBatches):
         def __next__(self):
             b = super().__next__()
             if packed:  # tokens: each pair's two sequences, as unpacked (shared prompts count twice)
@@ -130,7 +136,8 @@ def work_megaflow(spec: dict) -> dict:
     common.clock_train_step(trainer, ends, losses)
     build_s = time.perf_counter() - t0 - ref_s
     multiple = 0 if packed else pad_multiple(cfg)  # as megaflow.algorithms.preference.batch_iterators
-    trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, False, multiple)], None)
+    collate = stack if packed else collate_pairs
+    trainer.train(lambda consumed: [Counted(data, batch, 0, 1, consumed, SEED, False, multiple, collate)], None)
     trainer.close()
     return {"ends": ends, "losses": losses, "stats": stats, "build_s": build_s, "ref_s": ref_s,
             "info": {"pairs": len(s.train), "optimizer": type(getattr(trainer.optimizer, "optimizer",

@@ -14,7 +14,7 @@ Each (implementation, precision, repeat) runs in a subprocess of its own (megatr
 process-global), which builds one implementation, runs `--warmup` untimed and `--steps` timed optimizer
 steps and prints one JSON line. Repeats are interleaved (megaflow, mcore, hf, megaflow, mcore, hf, ...);
 the table shows the median over repeats of each repeat's median step time. FLOPs per step follow
-megaflow.models.gpt.flops_per_step for all rows; MFU is against megaflow.training.metrics.peak_flops()
+megaflow.models.size.flops_per_step for all rows; MFU is against megaflow.training.metrics.peak_flops()
 (a measured fp32 matmul peak on CPU, 989 TFLOP/s dense BF16 on H100/H200, also for the fp8 rows).
 
 Usage:
@@ -76,7 +76,7 @@ def build_megaflow(spec: dict, tokens):
     import tempfile
 
     from megaflow.config import load_config
-    from megaflow.models.gpt import padded_vocab_size
+    from megaflow.models.size import padded_vocab_size
     from megaflow.runtime import distributed as dist
     from megaflow.training.engine import Trainer
     from megaflow.training.lm import LanguageModelTask
@@ -284,7 +284,7 @@ def parse_args(argv=None):
 def plan(a) -> dict:
     """Resolve megaflow's config per precision (validation happens here, before any worker starts)."""
     from megaflow.config import load_config
-    from megaflow.models.gpt import flops_per_step, padded_vocab_size
+    from megaflow.models.size import flops_per_step, padded_vocab_size
 
     configs = []
     for precision in a.precisions:
@@ -420,7 +420,7 @@ def print_tables(a, the_plan: dict, summary: dict, env: dict, results: list[dict
             print(f"first-step loss: megaflow {mf['first_loss']:.6f}, bare mcore {rows['mcore']['first_loss']:.6f}"
                   + (f", HF {rows['hf']['first_loss']:.6f} (own init)" if rows.get("hf") and not rows["hf"].get("failed") else ""))
     notes = ["ratio vs megaflow = that row's tok/s / megaflow's tok/s (median step times over repeats)."]
-    notes.append("FLOPs/step: megaflow.models.gpt.flops_per_step for every row; MFU vs peak_flops() "
+    notes.append("FLOPs/step: megaflow.models.size.flops_per_step for every row; MFU vs peak_flops() "
                  + ("(989 TFLOP/s dense BF16; the fp8 rows are measured against the same BF16 peak)." if gpu
                     else "(a measured fp32 matmul peak on this CPU)."))
     if loads and not gpu:

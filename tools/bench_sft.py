@@ -113,11 +113,13 @@ def _batch_stats(tokens: int, samples: int, loss_tokens: int, positions: int) ->
 def work_megaflow(spec: dict) -> dict:
     """megaflow's SFT stage as `megaflow train sft` runs it (data, SFTTask, Trainer.train), minus eval and saving."""
     from megaflow.algorithms.sft import SFTTask
+    from megaflow.data.sampler import MicroBatches
     from megaflow.data import sft
     from megaflow.data.chat import ChatTemplate
     from megaflow.data.tokenizer import CHAT_TEMPLATE, Tokenizer
     from megaflow.models.gpt import use_transformer_engine
-    from megaflow.training.engine import Trainer, pad_multiple
+    from megaflow.algorithms.base import pad_multiple
+    from megaflow.training.engine import Trainer
 
     packed, seq, batch = spec["mode"] == "packed", spec["seq"], spec["batch"]
     cfg = _megaflow_setup(spec, seq, batch, Path(spec["dir"]) / "run")
@@ -134,7 +136,7 @@ def work_megaflow(spec: dict) -> dict:
     trainer.init_weights_from(ckpt)
     stats, ends, losses = [], [], []
 
-    class Counted(sft.SFTBatchIterator):
+    class Counted(MicroBatches):
         def __next__(self):
             b = super().__next__()
             n = int(b["segment_ids"].amax(1).sum())

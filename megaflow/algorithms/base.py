@@ -11,13 +11,14 @@ A stage is one module in algorithms/ with a `Stage` subclass and one line in reg
     output(cfg)     the artifact a later stage reads (`${stages.NAME.output}`)
     is_complete(cfg) whether a finished run of this config is on disk
 
-Training stages subclass `TrainingStage`: the shared sequence around their loop lives in runner.py, and a
-stage module supplies only its data, its task and its evaluations (the hooks below).
+Training stages subclass runner.TrainingStage: the shared sequence around their loop lives there, and a
+stage module supplies only its data, its task and its evaluations (its hooks).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -92,56 +93,11 @@ class Work:
     extra: dict = field(default_factory=dict)  # whatever the stage's own hooks need later
 
 
-class TrainingStage(Stage):
-    """A stage that trains a model with the engine. `run` is the shared runner (runner.run_training);
-    a subclass supplies `prepare` and, where it needs them, the other hooks."""
-
-    model_from_init: ClassVar[bool] = True  # no model section: the initial checkpoint's model
-    needs_init: ClassVar[bool] = True  # starts from a trained checkpoint (init_from)
-    language_model_init: ClassVar[bool] = True  # init_from must be a language model, not a reward model
-
-    def inputs(self, cfg: StageConfig) -> dict[str, str]:
-        out = {f"data.train[{i}].path": src.path for i, src in enumerate(cfg.data.train)}
-        if cfg.init_from:
-            out["init_from"] = cfg.init_from
-        return out
-
-    def check(self, cfg: StageConfig) -> None:
-        if not cfg.data.train:
-            raise UserError(f"data.train: no training data given for the {self.name} stage")
-        if self.needs_init and not cfg.init_from:
-            raise UserError(f"init_from: the {self.name} stage starts from a trained model: a megaflow "
-                            "checkpoint or hf:PATH")
-
-    def check_init(self, cfg: StageConfig) -> None:
-        """init_from is a checkpoint of a model this stage can start from (once it exists)."""
-        from megaflow.training import init_from
-
-        model = cfg.model if (cfg.model.model_fields_set or not self.model_from_init) else None
-        init_from.check_spec(cfg.init_from, model, language_model=self.language_model_init)
-
-    def run(self, cfg: StageConfig) -> dict:
-        from megaflow.algorithms.runner import run_training
-
-        return run_training(self, cfg)
-
-    # -- hooks of the runner (runner.py) --------------------------------------------------------------
-
-    def prepare(self, cfg: StageConfig, tokenizer, tokenizer_dir: str, init_dir: Path | None) -> Work:
-        """The stage's data, task and vocabulary, once the processes and the tokenizer are set up."""
-        raise NotImplementedError
-
-    def after_init(self, trainer, work: Work) -> None:
-        """After a fresh start's weights are loaded from init_from (not on resume)."""
-
-    def before_train(self, trainer, work: Work, make_valid, resumed: bool) -> dict:
-        """Evaluations before the first step; their results go into eval.json."""
-        return {}
-
-    def final_eval(self, trainer, work: Work, make_valid) -> dict:
-        """The held-out evaluation of the trained model (with `eval.final`)."""
-        return {}
-
-    def after_train(self, trainer, work: Work) -> dict:
-        """Other evaluations of the finished model (SFT's exact match by generation)."""
-        return {}
+def pad_multiple(cfg: StageConfig) -> int:
+    """What SFT and preference micro-batches are cut to, past their longest row (`data.padding: longest`):
+    a multiple of 16 (FP8 GEMMs need it; tensor cores like it) and of the TP size (sequence parallelism
+    splits the sequence). 0, full rows of seq_length, with `data.padding: max_length` or a pipeline
+    (its stages exchange activations of one fixed shape)."""
+    if cfg.data.padding == "max_length" or cfg.parallel.pp > 1:
+        return 0
+    return math.lcm(16, cfg.parallel.tp)

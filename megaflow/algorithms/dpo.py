@@ -23,14 +23,14 @@ from megaflow.config import StageConfig
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.training import init_from, stage
-from megaflow.training.engine import Trainer
+from megaflow.training.engine import Task, Trainer
 from megaflow.training.losses import dpo_loss, nll_loss, rpo_loss
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
 
 
-class DPOTask:
+class DPOTask(Task):
     """Micro-batches of m pairs -> the DPO-family loss of each pair. The reference's summed log-probs
     come with the batch (`ref_logps`, cached) or from `reference_model` (live, one pipeline stage)."""
 

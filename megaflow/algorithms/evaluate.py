@@ -89,12 +89,12 @@ def _answers(ckpt: str, cfg: EvalStageConfig):
     from megaflow.data.sft import SFTDataOptions
     from megaflow.eval.exact_match import examples_from_file, score_answers
     from megaflow.inference import SamplingParams, generate, load_for_inference
-    from megaflow.training.checkpoint import read_meta
+    from megaflow.models.weights import stored_config
 
     model = load_for_inference(ckpt)
     if model.meta.get("head", "lm") != "lm":
         raise UserError(f"models: {ckpt} is a reward model; name it as reward_model")
-    opts = SFTDataOptions.from_config((read_meta(ckpt).get("config") or {}).get("data", {}).get("sft", {}))
+    opts = SFTDataOptions.from_config(stored_config(ckpt).data.sft)
     template, examples = examples_from_file(cfg.prompts, model.tokenizer, opts)
     examples = examples[:cfg.limit]
     prompts = [template.prompt_ids(messages) for messages, _ in examples]

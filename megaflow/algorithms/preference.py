@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megaflow.algorithms.base import TrainingStage
+from megaflow.algorithms.runner import TrainingStage
 from megaflow.config import StageConfig
 from megaflow.data import preference
 from megaflow.data.records import files_key
@@ -24,7 +24,7 @@ from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.training import init_from
-from megaflow.training.lm import causal_mask
+from megaflow.models.gpt import causal_mask
 
 
 class PreferenceStage(TrainingStage):
@@ -86,16 +86,17 @@ def batch_iterators(cfg: StageConfig, n_chunks: int, dataset, consumed: int = 0,
     PreferenceDataset: [2m, seq] rows, cut after the longest unless `data.padding: max_length`) or of
     packed rows (a PackedPreferenceDataset: [m, 2 seq], full by construction)."""
     from megaflow.data.pair_packing import PackedPreferenceDataset
-    from megaflow.data.sft import SFTBatchIterator
-    from megaflow.training.engine import data_parallel_rank_and_size, pad_multiple
+    from megaflow.data.sampler import MicroBatches, stack
+    from megaflow.algorithms.base import pad_multiple
+    from megaflow.training.engine import data_parallel_rank_and_size
 
     dp_rank, dp_size = data_parallel_rank_and_size()
     if isinstance(dataset, PackedPreferenceDataset):
-        kind, multiple = SFTBatchIterator, 0
+        collate, multiple = stack, 0
     else:
-        kind, multiple = preference.PreferenceBatchIterator, pad_multiple(cfg)
-    return [kind(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, cfg.train.seed, shuffle, multiple)
-            for _ in range(n_chunks)]
+        collate, multiple = preference.collate_pairs, pad_multiple(cfg)
+    return [MicroBatches(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, cfg.train.seed, shuffle,
+                         multiple, collate) for _ in range(n_chunks)]
 
 
 def batch_on_device(data_iterator) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megaflow.algorithms.base import TrainingStage, Work
+from megaflow.algorithms.base import Work
+from megaflow.algorithms.runner import TrainingStage
 from megaflow.config import StageConfig
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
@@ -17,12 +18,13 @@ from megaflow.training.lm import LanguageModelTask
 
 
 def _iterators(cfg: StageConfig):
-    from megaflow.data.pretrain import BatchIterator
+    from megaflow.data.sampler import MicroBatches, stack_lm
     from megaflow.training.engine import data_parallel_rank_and_size
 
     def make(dataset, n_chunks: int, consumed: int, shuffle: bool) -> list:  # megatron's datasets are shuffled
         dp_rank, dp_size = data_parallel_rank_and_size()
-        return [BatchIterator(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed) for _ in range(n_chunks)]
+        return [MicroBatches(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, collate=stack_lm)
+                for _ in range(n_chunks)]
     return make
 
 

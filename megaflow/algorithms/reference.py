@@ -25,7 +25,7 @@ from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
 from megaflow.algorithms import preference
 from megaflow.training import checkpoint
-from megaflow.training.engine import data_parallel_rank_and_size, forward_backward
+from megaflow.training.engine import Task, data_parallel_rank_and_size, forward_backward
 
 
 class ReferenceModel:
@@ -46,7 +46,7 @@ class ReferenceModel:
         return -preference.forward(self.chunks[0], batch)
 
 
-class _RecordingTask:
+class _RecordingTask(Task):
     """Forward-only: summed response log-probs of each pair, recorded with the pair's index."""
 
     loss_names = ("logps",)

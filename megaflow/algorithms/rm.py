@@ -24,13 +24,13 @@ from megaflow.config import StageConfig
 from megaflow.data.preference import PreferenceDataset, split_chosen_rejected
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
-from megaflow.training.engine import Trainer
+from megaflow.training.engine import Task, Trainer
 from megaflow.training.losses import bradley_terry_loss, reward_metrics
 
 METRICS = ("accuracy", "margin", "reward/chosen_mean", "reward/rejected_mean")
 
 
-class RewardTask:
+class RewardTask(Task):
     """Micro-batches of m pairs ([2m, seq] rows, chosen first) -> one reward per row at its last token."""
 
     rows_per_sample = 2

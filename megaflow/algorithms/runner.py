@@ -3,18 +3,74 @@
     check -> init_from -> processes -> tokenizer -> stage data and task (prepare) -> resolved config ->
     trainer -> resume or initial weights -> [before_train] -> loop -> final evaluation -> final checkpoint
 
-A stage supplies only the hooks of algorithms/base.TrainingStage; this module holds the order.
+A stage subclasses TrainingStage and supplies only its hooks; this module holds the order.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import ClassVar
 
-from megaflow.algorithms.base import TrainingStage, check_inputs_exist
+from megaflow.algorithms.base import Stage, Work, check_inputs_exist
 from megaflow.config import StageConfig
 from megaflow.config.schema import ModelConfig
+from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, init_from, stage
+
+
+class TrainingStage(Stage):
+    """A stage that trains a model with the engine: `run` is run_training below; a subclass supplies
+    `prepare` and, where it needs them, the other hooks."""
+
+    model_from_init: ClassVar[bool] = True  # no model section: the initial checkpoint's model
+    needs_init: ClassVar[bool] = True  # starts from a trained checkpoint (init_from)
+    language_model_init: ClassVar[bool] = True  # init_from must be a language model, not a reward model
+
+    def inputs(self, cfg: StageConfig) -> dict[str, str]:
+        out = {f"data.train[{i}].path": src.path for i, src in enumerate(cfg.data.train)}
+        if cfg.init_from:
+            out["init_from"] = cfg.init_from
+        return out
+
+    def check(self, cfg: StageConfig) -> None:
+        if not cfg.data.train:
+            raise UserError(f"data.train: no training data given for the {self.name} stage")
+        if self.needs_init and not cfg.init_from:
+            raise UserError(f"init_from: the {self.name} stage starts from a trained model: a megaflow "
+                            "checkpoint or hf:PATH")
+
+    def check_init(self, cfg: StageConfig) -> None:
+        """init_from is a checkpoint of a model this stage can start from (once it exists)."""
+        from megaflow.training import init_from
+
+        model = cfg.model if (cfg.model.model_fields_set or not self.model_from_init) else None
+        init_from.check_spec(cfg.init_from, model, language_model=self.language_model_init)
+
+    def run(self, cfg: StageConfig) -> dict:
+        return run_training(self, cfg)
+
+    # -- hooks of the runner (runner.py) --------------------------------------------------------------
+
+    def prepare(self, cfg: StageConfig, tokenizer, tokenizer_dir: str, init_dir: Path | None) -> Work:
+        """The stage's data, task and vocabulary, once the processes and the tokenizer are set up."""
+        raise NotImplementedError
+
+    def after_init(self, trainer, work: Work) -> None:
+        """After a fresh start's weights are loaded from init_from (not on resume)."""
+
+    def before_train(self, trainer, work: Work, make_valid, resumed: bool) -> dict:
+        """Evaluations before the first step; their results go into eval.json."""
+        return {}
+
+    def final_eval(self, trainer, work: Work, make_valid) -> dict:
+        """The held-out evaluation of the trained model (with `eval.final`)."""
+        return {}
+
+    def after_train(self, trainer, work: Work) -> dict:
+        """Other evaluations of the finished model (SFT's exact match by generation)."""
+        return {}
 
 
 def run_training(st: TrainingStage, cfg: StageConfig) -> dict:

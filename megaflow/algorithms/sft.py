@@ -13,15 +13,17 @@ from pathlib import Path
 
 import torch
 
-from megaflow.algorithms.base import TrainingStage, Work
+from megaflow.algorithms.base import Work, pad_multiple
+from megaflow.algorithms.runner import TrainingStage
 from megaflow.config import StageConfig
 from megaflow.data import packing, sft
 from megaflow.data.records import files_key
+from megaflow.data.sampler import MicroBatches
 from megaflow.errors import UserError
 from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
 from megaflow.training import init_from
-from megaflow.training.engine import Trainer, data_parallel_rank_and_size, pad_multiple
+from megaflow.training.engine import Trainer, data_parallel_rank_and_size
 from megaflow.training.lm import LanguageModelTask
 
 
@@ -138,8 +140,8 @@ def _iterators(cfg: StageConfig):
 
     def make(dataset, n_chunks: int, consumed: int, shuffle: bool) -> list:
         dp_rank, dp_size = data_parallel_rank_and_size()
-        return [sft.SFTBatchIterator(dataset, t.micro_batch_size, dp_rank, dp_size, consumed, t.seed, shuffle,
-                                     pad_multiple(cfg)) for _ in range(n_chunks)]
+        return [MicroBatches(dataset, t.micro_batch_size, dp_rank, dp_size, consumed, t.seed, shuffle, pad_multiple(cfg))
+                for _ in range(n_chunks)]
     return make
 
 

@@ -160,7 +160,7 @@ class DataConfig(Section):
     invalid_utf8: Literal["replace", "error"] = "replace"
     max_invalid_utf8: float = Field(0.01, ge=0.0, le=1.0)  # share of a file's bytes: invalid UTF-8 or NUL
     # SFT and preference micro-batches: cut after their longest row (rounded up to a multiple of 16 and of
-    # parallel.tp; not with a pipeline), or keep every row at seq_length (megaflow.training.engine.pad_multiple)
+    # parallel.tp; not with a pipeline), or keep every row at seq_length (megaflow.algorithms.base.pad_multiple)
     padding: Literal["longest", "max_length"] = "longest"
     sft: SFTData = Field(default_factory=SFTData)
     preference: PreferenceData = Field(default_factory=PreferenceData)

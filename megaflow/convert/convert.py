@@ -85,8 +85,8 @@ def hf_to_megaflow(hf_dir: str | Path, out: str | Path, verify: bool = False, to
     from megaflow.convert import mcore
     from megaflow.convert.families import adapter_for
     from megaflow.convert.verify import DEFAULT_TOLERANCE, check, hf_logits, max_abs_diff, sample_tokens
-    from megaflow.models.gpt import padded_vocab_size
-    from megaflow.training import checkpoint
+    from megaflow.models.size import padded_vocab_size
+    from megaflow.models import weights as final_checkpoint
 
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by)
@@ -142,7 +142,7 @@ def hf_to_megaflow(hf_dir: str | Path, out: str | Path, verify: bool = False, to
     }
     if tokenizer_files:  # no key without one: readers then find no tokenizer/ rather than a null path
         meta["tokenizer"] = "tokenizer"
-    checkpoint.save_final(out, [chunk], meta, _CopiedTokenizer(tokenizer_files) if tokenizer_files else None)
+    final_checkpoint.save_final(out, [chunk], meta, _CopiedTokenizer(tokenizer_files) if tokenizer_files else None)
     if tokenizer_files:
         from megaflow.data.tokenizer import Tokenizer
 
@@ -219,13 +219,13 @@ def megaflow_to_hf(ckpt: str | Path, out: str | Path, verify: bool = False, tole
     from megaflow.convert.families import adapter_for
     from megaflow.convert.safetensors_io import parse_size, write_sharded
     from megaflow.convert.verify import DEFAULT_TOLERANCE, check, hf_logits, max_abs_diff, sample_tokens
-    from megaflow.training import checkpoint
+    from megaflow.models import weights as final_checkpoint
 
     ckpt, out = Path(ckpt), Path(out)
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     if not ckpt.is_dir():
         raise UserError(f"--ckpt: not a directory: {ckpt}")
-    meta = checkpoint.read_meta(ckpt)
+    meta = final_checkpoint.read_meta(ckpt)
     if meta.get("head", "lm") != "lm":
         raise UserError(f"--ckpt {ckpt}: a reward model (a scalar head) has no Hugging Face causal-LM form; "
                         "only language models convert")
@@ -252,7 +252,7 @@ def megaflow_to_hf(ckpt: str | Path, out: str | Path, verify: bool = False, tole
 
     mcore.setup_one_process()
     chunk = mcore.build(model, padded)
-    checkpoint.load_weights(ckpt, [chunk])
+    final_checkpoint.load_weights(ckpt, [chunk])
     params = mcore.parameters(chunk)
 
     tmp = out.with_name(out.name + ".tmp")

@@ -58,7 +58,7 @@ def logits(chunk: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megaflow.training.lm import causal_mask
+    from megaflow.models.gpt import causal_mask
 
     device = dist.device()
     tokens = tokens.to(device)

@@ -40,41 +40,28 @@ import math
 import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 
+from megaflow.config.schema import DataConfig, PreferenceData
 from megaflow.data.chat import ChatTemplate, _common_prefix
 from megaflow.data.readers import _LONE_SURROGATE
 from megaflow.data.records import (DataSummary, InvalidRecord, Prepared, RecordOptions, files_key, load_valid,
                                    prepare_with)
-from megaflow.data.sft import SFTBatchIterator, _messages
+from megaflow.data.sft import _messages
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError
 
-FORMATS = ("auto", "explicit", "hh_rlhf", "conversation")
-TRUNCATION = ("truncate", "truncate_left", "drop", "error")
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "last_index")
 
 
-@dataclass
-class PreferenceDataOptions(RecordOptions):
-    """The preference data settings (one field per proposed `data.preference.*` config key)."""
+class PreferenceDataOptions(RecordOptions, PreferenceData):
+    """`data.preference` (its schema: config.schema.PreferenceData), plus seq_length and invalid_utf8."""
 
-    CHOICES = {"format": FORMATS, "truncation": TRUNCATION}
-
-    format: str = "auto"
-    prompt_field: str = "prompt"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
-    system_field: str = "system"
-    margin_field: str = "margin"
-    chat_template: str = "auto"  # auto | builtin | tokenizer | a .jinja path | a Jinja string
-    seq_length: int = 256  # tokens per sequence (row positions)
-    truncation: str = "truncate"
-    allow_skip: bool = False
-    invalid_utf8: str = "replace"  # lone surrogate escapes in JSON strings: replace with U+FFFD, or error
+    seq_length: int = DataConfig.model_fields["seq_length"].default  # tokens per sequence (row positions)
+    invalid_utf8: Literal["replace", "error"] = "replace"  # lone surrogate escapes in JSON strings
 
 
 @dataclass
@@ -432,16 +419,3 @@ def split_chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"expected an even number of rows (chosen then rejected), got {x.shape[0]}")
     m = x.shape[0] // 2
     return x[:m], x[m:]
-
-
-class PreferenceBatchIterator(SFTBatchIterator):
-    """Endless iterator over one data-parallel rank's micro-batches of `micro_batch_size` pairs, each a
-    [2 * micro_batch_size, seq_length] batch from `collate_pairs` (shorter with `pad_multiple`).
-    `consumed_samples` counts pairs; the order, per-epoch shuffle, rank slicing and padding cut are those
-    of megaflow.data.sft.SFTBatchIterator."""
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        start = self.consumed_samples + self.dp_rank * self.mbs
-        items = [self.dataset[self.row_at(start + j)] for j in range(self.mbs)]
-        self.consumed_samples += self.mbs * self.dp_size
-        return self.emit(collate_pairs(items))

@@ -124,30 +124,6 @@ def build_datasets(cfg: StageConfig, tokenizer: Tokenizer, tokenizer_dir: str, n
         raise DataError(f"data: cannot build datasets from {paths}: {e or 'split too small for the sequence length'}") from None
 
 
-class BatchIterator:
-    """Endless iterator over one data-parallel rank's micro-batches, starting at `consumed_samples`.
-
-    Global batch k holds samples [k*G, (k+1)*G); rank r of D takes the r-th contiguous slice of each
-    micro-batch group, as megatron's pretraining sampler does, so the union over ranks is independent
-    of D (a DP2 run sees exactly the samples of a single-process run).
-    """
-
-    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
-        self.dataset = dataset
-        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
-        self.consumed_samples = consumed_samples
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        start = self.consumed_samples + self.dp_rank * self.mbs
-        idx = [(start + j) % len(self.dataset) for j in range(self.mbs)]
-        self.consumed_samples += self.mbs * self.dp_size
-        samples = [self.dataset[i] for i in idx]
-        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
-
-
 def consumed_per_dataset(train_ds, prefixes: list[str]):
     """A function: consumed samples of the (possibly blended) train split -> samples drawn from each source.
 

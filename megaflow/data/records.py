@@ -22,22 +22,25 @@ Sample = TypeVar("Sample")
 
 
 class RecordOptions:
-    """Shared by the record-reading option dataclasses (SFT, preference): built from a config section and
-    checked for the values that have a fixed set of choices."""
+    """Mixed into the record-reading options (SFT, preference): a config section of the schema
+    (config/schema.py, so defaults and choices have one home) plus the two data.* keys reading needs,
+    `seq_length` and `invalid_utf8`. An invalid value is a UserError naming the key."""
 
-    CHOICES: dict[str, tuple[str, ...]] = {}
+    def __init__(self, **values):
+        from pydantic import ValidationError
 
-    def __post_init__(self):
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        from megaflow.config.loader import format_validation_error
+
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise UserError(format_validation_error(e)) from None
 
     @classmethod
     def from_config(cls, config, **overrides):
-        """From any object or dict with (some of) these attribute names, e.g. a pydantic section."""
-        get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: get(n, getattr(cls, n)) for n in names if get(n, None) is not None} | overrides)
+        """From a schema section or a dict with (some of) these keys; other keys are ignored."""
+        raw = config if isinstance(config, dict) else config.model_dump()
+        return cls(**{k: v for k, v in raw.items() if k in cls.model_fields and v is not None} | overrides)
 
 
 class InvalidRecord(ValueError):

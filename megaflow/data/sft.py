@@ -19,47 +19,29 @@ tokens, labels, loss_mask, position_ids, segment_ids (see megaflow.data.packing)
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 
+from megaflow.config.schema import DataConfig, SFTData
 from megaflow.data.chat import ROLES, ChatTemplate
-from megaflow.data.packing import build_row, pack, trim_padding
+from megaflow.data.packing import build_row, pack
 from megaflow.data.readers import _LONE_SURROGATE
 from megaflow.data.records import (DataSummary, InvalidRecord, Prepared, RecordOptions, files_key, load_valid,
                                    prepare_with)
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError
 
-FORMATS = ("auto", "messages", "prompt_response", "instruction")
-TRUNCATION = ("truncate", "truncate_left", "drop", "error")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
 
 
-@dataclass
-class SFTDataOptions(RecordOptions):
-    """The SFT data settings (one field per `data.sft.*` config key, plus seq_length and invalid_utf8)."""
+class SFTDataOptions(RecordOptions, SFTData):
+    """`data.sft` (its schema: config.schema.SFTData), plus seq_length and invalid_utf8 from `data`."""
 
-    CHOICES = {"format": FORMATS, "truncation": TRUNCATION}
-
-    format: str = "auto"
-    messages_field: str = "messages"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    system_field: str = "system"
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    chat_template: str = "auto"  # auto | builtin | tokenizer | a .jinja path | a Jinja string
-    seq_length: int = 256
-    packing: bool = True
-    truncation: str = "truncate"
-    allow_skip: bool = False
-    train_on_prompt: bool = False
-    invalid_utf8: str = "replace"  # lone surrogate escapes in JSON strings: replace with U+FFFD, or error
+    seq_length: int = DataConfig.model_fields["seq_length"].default  # tokens per sequence (row positions)
+    invalid_utf8: Literal["replace", "error"] = "replace"  # lone surrogate escapes in JSON strings
 
 
 @dataclass
@@ -282,51 +264,3 @@ class SFTDataset:
 
     def record_in(self, summary: SFTDataSummary) -> None:
         summary.rows, summary.packing_efficiency = len(self), self.packing_efficiency
-
-
-class SFTBatchIterator:
-    """Endless iterator over one data-parallel rank's micro-batches, starting at `consumed_samples` (rows).
-
-    The row order is a seeded permutation per epoch (epoch e = rows e*N .. (e+1)*N - 1 of the stream), so
-    a resumed run continues exactly; global batch k holds stream positions [k*G, (k+1)*G) and rank r of D
-    takes the r-th contiguous slice of each micro-batch group, as megaflow's pretraining BatchIterator does.
-    """
-
-    def __init__(self, dataset: SFTDataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0, seed: int = 0, shuffle: bool = True, pad_multiple: int = 0):
-        self.dataset, self.mbs, self.dp_rank, self.dp_size = dataset, micro_batch_size, dp_rank, dp_size
-        self.consumed_samples, self.seed, self.shuffle = consumed_samples, seed, shuffle
-        self.pad_multiple = pad_multiple  # > 0: cut each micro-batch's padding (megaflow.data.packing.trim_padding)
-        self.shapes: Counter = Counter()  # (rows, length) -> micro-batches yielded so far, when cutting
-        self._epoch, self._order = None, None
-
-    def __iter__(self):
-        return self
-
-    def row_at(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.dataset))
-        if not self.shuffle:
-            return offset
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-        return int(self._order[offset])
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        start = self.consumed_samples + self.dp_rank * self.mbs
-        rows = [self.dataset[self.row_at(start + j)] for j in range(self.mbs)]
-        self.consumed_samples += self.mbs * self.dp_size
-        return self.emit({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
-
-    def emit(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The micro-batch as it goes out: its padding cut when `pad_multiple` is set, its shape counted."""
-        if not self.pad_multiple:
-            return batch
-        batch = trim_padding(batch, self.pad_multiple)
-        self.shapes[tuple(batch["tokens"].shape)] += 1
-        return batch
-
-    def take_shapes(self) -> Counter:
-        """(rows, length) -> count of the micro-batches yielded since the last call (the engine's measure of
-        the work of a step whose rows were cut); empty when rows are not cut."""
-        shapes, self.shapes = self.shapes, Counter()
-        return shapes

@@ -166,7 +166,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids, added special tokens included (pad it with models.gpt.padded_vocab_size)."""
+        """Number of ids, added special tokens included (pad it with models.size.padded_vocab_size)."""
         return self._backend.vocab_size()
 
     @property

@@ -57,10 +57,9 @@ def evaluate_exact_match(ckpt: str, data: str, max_new_tokens: int = 64, batch_s
     """`megaflow eval CKPT --metrics exact_match --data FILE`."""
     from megaflow.data.sft import SFTDataOptions
     from megaflow.inference import load_for_inference
-    from megaflow.training.checkpoint import read_meta
+    from megaflow.models.weights import stored_config
 
-    sft_cfg = (read_meta(ckpt).get("config") or {}).get("data", {}).get("sft", {})
-    opts = SFTDataOptions.from_config(sft_cfg)
+    opts = SFTDataOptions.from_config(stored_config(ckpt).data.sft)
     model = load_for_inference(ckpt)
     template, examples = examples_from_file(data, model.tokenizer, opts)
     return exact_match(model, template, examples[:limit] if limit else examples, max_new_tokens, batch_size)

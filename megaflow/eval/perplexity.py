@@ -18,7 +18,8 @@ from megaflow.config.loader import validate
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
-from megaflow.training import checkpoint, manifest, stage
+from megaflow.models import manifest
+from megaflow.training import checkpoint, stage
 from megaflow.training.engine import build_model, data_parallel_rank_and_size, evaluate
 from megaflow.training.lm import LanguageModelTask
 
@@ -43,22 +44,6 @@ class WindowDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         chunk = torch.from_numpy(self.tokens[i * self.seq : (i + 1) * self.seq + 1])
         return {"tokens": chunk[:-1], "labels": chunk[1:], "loss_mask": torch.ones(self.seq)}
-
-
-class _Batches:
-    """This data-parallel rank's micro-batches of a finite dataset, in order."""
-
-    def __init__(self, dataset, mbs: int, dp_rank: int, dp_size: int):
-        self.dataset, self.mbs, self.dp_rank, self.dp_size, self.pos = dataset, mbs, dp_rank, dp_size, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        start = self.pos + self.dp_rank * self.mbs
-        self.pos += self.mbs * self.dp_size
-        samples = [self.dataset[i] for i in range(start, start + self.mbs)]
-        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
 
 
 def _stage_config(meta: dict, seq_length: int | None, batch_size: int) -> StageConfig:
@@ -123,7 +108,9 @@ def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | No
 
     model, _ = build_model(cfg, meta["padded_vocab_size"])
     checkpoint.load_weights(ckpt, model)
-    iterators = [_Batches(dataset, batch_size, dp_rank, dp_size) for _ in model]
+    from megaflow.data.sampler import MicroBatches, stack_lm
+
+    iterators = [MicroBatches(dataset, batch_size, dp_rank, dp_size, collate=stack_lm) for _ in model]
     result = evaluate(model, LanguageModelTask(), iterators, batches, 1, cfg.data.seq_length, batch_size)
     return {"data": source, "samples": batches * per_batch, "loss": result["loss"], "ppl": result["ppl"],
             "tokens": result["tokens"]}

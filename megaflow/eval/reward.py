@@ -18,11 +18,12 @@ from megaflow.errors import UserError
 
 
 def _options(ckpt: str, seq_length: int):
+    """The checkpoint's own `data.preference` settings (chat template included)."""
     from megaflow.data.preference import PreferenceDataOptions
-    from megaflow.training.checkpoint import read_meta
+    from megaflow.models.weights import stored_config
 
-    raw = (read_meta(ckpt).get("config") or {}).get("data", {})
-    return PreferenceDataOptions.from_config(raw.get("preference", {}), seq_length=raw.get("seq_length", seq_length))
+    data = stored_config(ckpt).data
+    return PreferenceDataOptions.from_config(data.preference, seq_length=data.seq_length)
 
 
 def _template(model, opts):

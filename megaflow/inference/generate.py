@@ -282,7 +282,7 @@ def _megatron_inference_mode(active: bool):
 def _step_logits(model: InferenceModel, tokens: torch.Tensor, prev: int, cur: int, context) -> torch.Tensor | None:
     """Logits [b, padded_vocab] predicting position `cur`: from the tokens of [prev, cur) and the KV cache
     of [0, prev), or (no context) from the whole prefix [0, cur) recomputed."""
-    from megaflow.training.lm import causal_mask
+    from megaflow.models.gpt import causal_mask
 
     if context is None:
         logits = model.forward(tokens[:, :cur], causal_mask(cur))

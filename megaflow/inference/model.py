@@ -201,7 +201,8 @@ def load_for_inference(ckpt: str | Path, tp: int = 1, pp: int = 1, precision: st
     state when that has not been done; the world may hold several data-parallel replicas, each generating
     on its own prompts. `precision` defaults to the checkpoint's (fp8 runs as bf16)."""
     from megaflow.config.loader import validate
-    from megaflow.training import checkpoint, manifest
+    from megaflow.models import manifest
+    from megaflow.training import checkpoint
 
     path = Path(ckpt)
     meta = checkpoint.read_meta(path)

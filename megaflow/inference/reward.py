@@ -23,7 +23,7 @@ def is_reward_model(model: InferenceModel) -> bool:
 
 def rewards(model: InferenceModel, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[float]:
     """One reward per token sequence, on every rank."""
-    from megaflow.training.lm import causal_mask
+    from megaflow.models.gpt import causal_mask
 
     if not is_reward_model(model):
         raise UserError('not a reward model (its megaflow.json has no "head": "scalar"; train one with '

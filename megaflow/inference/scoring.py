@@ -69,7 +69,7 @@ def _batch_logprobs(model: InferenceModel, seqs: list[list[int]]) -> tuple[torch
     """Per-position log-probs [b, L-1] of seq[1:] given seq[:-1] and argmax ids [b, L-1], on every rank
     (computed on the last pipeline stage and broadcast). Rows are right-padded to the longest, L."""
     from megaflow.models.gpt import unwrap
-    from megaflow.training.lm import causal_mask
+    from megaflow.models.gpt import causal_mask
 
     width = max(len(s) for s in seqs)
     pad = model.tokenizer.pad_id if model.tokenizer is not None else 0

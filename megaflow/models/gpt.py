@@ -21,12 +21,6 @@ from megaflow.runtime import cpu
 logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
-    """Megatron pads the embedding so every tensor-parallel shard has the same number of rows."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
 def _activation(name: str):
     return {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[name]
 
@@ -305,30 +299,9 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def count_parameters(model: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the whole (unsharded) model, computed from the shape."""
-    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
-    kv = model.kv_channels or h // model.num_attention_heads
-    q, g = model.num_attention_heads * kv, model.query_groups * kv
-    bias = model.add_bias_linear
-    attn = h * (q + 2 * g) + q * h + (q + 2 * g if (bias or model.add_qkv_bias) else 0) + (h if bias else 0)
-    mlp = h * f * (2 if model.activation == "swiglu" else 1) + f * h
-    mlp += (f * (2 if model.activation == "swiglu" else 1) + h) if bias else 0
-    norm = h * (2 if model.normalization == "LayerNorm" else 1)
-    per_layer = attn + mlp + 2 * norm
-    embed = vocab_size * h + (model.max_position_embeddings * h if model.position_embedding == "learned" else 0)
-    out = 0 if model.tie_embeddings else vocab_size * h
-    return L * per_layer + embed + out + norm
-
-
-def flops_per_step(model: ModelConfig, vocab_size: int, batch: int, seq: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one step, Megatron's formula with causal
-    attention counted at half: per layer QKV and output projections, 2*s*h attention scores and values,
-    the MLP; plus the logits layer."""
-    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
-    kv = model.kv_channels or h // model.num_attention_heads
-    q, g = model.num_attention_heads * kv, model.query_groups * kv
-    mlp_mats = 3 if model.activation == "swiglu" else 2
-    per_token_layer = 2 * (h * (q + 2 * g) + q * h + mlp_mats * h * f) + 2 * seq * q  # causal: half of 4*s*q
-    per_token = L * per_token_layer + 2 * h * vocab_size
-    return 3.0 * per_token * batch * seq
+@functools.cache
+def causal_mask(seq_length: int) -> torch.Tensor | None:
+    """The local (CPU) attention needs an explicit boolean mask (True = masked out); TE is causal by type."""
+    if use_transformer_engine():
+        return None
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)[None, None]

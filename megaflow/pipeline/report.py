@@ -45,13 +45,13 @@ def _fmt(v) -> str:
 
 def _compute(p, rec: dict, lines: list[dict], price: float | None) -> dict:
     """Tokens, throughput and training FLOPs (Megatron's formula, as `megaflow plan` and the engine's MFU)."""
-    from megaflow.models.gpt import flops_per_step
+    from megaflow.models.size import flops_per_step
 
     train = [ln for ln in lines if "split" not in ln and "loss" in ln]
     out = {"minutes": rec.get("seconds", 0.0) / 60}
     if not train or p.name not in registry.TRAINING:
         return out
-    speeds = [ln["tokens_per_s"] for ln in train if isinstance(ln.get("tokens_per_s"), (int, float))]
+    speeds = [ln["tok_per_s"] for ln in train if isinstance(ln.get("tok_per_s"), (int, float))]
     if speeds:
         out["tok/s"] = statistics.median(speeds)
     cfg = p.cfg

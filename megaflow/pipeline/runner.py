@@ -26,6 +26,7 @@ from megaflow.errors import RunFailed, UserError
 from megaflow.pipeline import state as st
 from megaflow.pipeline.gates import flat_metrics
 from megaflow.pipeline.spec import Pipeline, PlannedStage
+from megaflow.runtime.launch import die_with_parent
 
 
 class GateFailed(RunFailed):
@@ -110,18 +111,6 @@ def _train_command(p: PlannedStage, config_file: Path) -> list[str]:
     return cmd + (["--nproc-per-node", str(p.nproc)] if p.nproc > 1 else [])
 
 
-def _die_with_parent() -> None:
-    """A stage's processes end with the runner (kill -9 included), so a second runner never finds one
-    still writing into the stage directory."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def run_stage(pipeline: Pipeline, p: PlannedStage) -> tuple[int, dict | None]:
     """Run one stage to its end: (exit status, 0 when the stage's command succeeded; its result)."""
     if p.name not in registry.TRAINING:
@@ -135,7 +124,8 @@ def run_stage(pipeline: Pipeline, p: PlannedStage) -> tuple[int, dict | None]:
     config_file.write_text(yaml.safe_dump(p.raw, sort_keys=False))  # as written: unset keys stay unset
     sys.stdout.flush()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    rc = subprocess.call(_train_command(p, config_file), env=env, preexec_fn=_die_with_parent)
+    # the stage's processes end with the runner: a second runner never finds one still writing there
+    rc = subprocess.call(_train_command(p, config_file), env=env, preexec_fn=die_with_parent)
     return rc, p.stage.result(p.cfg)
 
 

@@ -17,28 +17,32 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from megaflow.config.schema import StageConfig
 from megaflow.errors import RunFailed
-from megaflow.models import gpt
+from megaflow.models import gpt, size
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, faults
 from megaflow.training.metrics import MetricsWriter, peak_flops
 from megaflow.training.optimizer import build_optimizer, build_scheduler
 
 
-class Task(Protocol):
-    """Optional attributes: `rows_per_sample` (rows of a micro-batch per sample: 2 for preference pairs,
-    chosen and rejected; default 1), `row_length_factor` (rows of this many times data.seq_length: 2 for
-    packed pairs; default 1) and `head` ("lm", default, or "scalar": megaflow.models.gpt)."""
+class Task:
+    """What a stage gives the engine: `forward_step` in megatron's schedule convention, and what the engine
+    must know about its batches and model. Subclasses override the attributes that differ."""
 
-    loss_names: tuple[str, ...]  # keys of the loss dict; the first is the loss that is optimised
+    loss_names: tuple[str, ...] = ("loss",)  # keys of the loss dict; the first is the loss that is optimised
+    reports_perplexity: bool = False  # the first loss is a per-token cross-entropy: evaluation adds exp(loss)
+    rows_per_sample: int = 1  # rows of a micro-batch per sample: 2 for preference pairs (chosen, rejected)
+    row_length_factor: int = 1  # rows of this many times data.seq_length: 2 for packed pairs
+    head: str = "lm"  # the model's output: "lm" (vocabulary logits) or "scalar" (megaflow.models.gpt)
 
-    def forward_step(self, data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]: ...
+    def forward_step(self, data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+        raise NotImplementedError
 
 
 @dataclass
@@ -59,16 +63,6 @@ def num_microbatches(cfg: StageConfig) -> int:
     """Micro-batches per step on each data-parallel rank (divisibility is checked by StageConfig.check_layout)."""
     _, dp = data_parallel_rank_and_size()
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-
-
-def pad_multiple(cfg: StageConfig) -> int:
-    """What SFT and preference micro-batches are cut to, past their longest row (`data.padding: longest`):
-    a multiple of 16 (FP8 GEMMs need it; tensor cores like it) and of the TP size (sequence parallelism
-    splits the sequence). 0, full rows of seq_length, with `data.padding: max_length` or a pipeline
-    (its stages exchange activations of one fixed shape)."""
-    if cfg.data.padding == "max_length" or cfg.parallel.pp > 1:
-        return 0
-    return math.lcm(16, cfg.parallel.tp)
 
 
 def build_model(cfg: StageConfig, vocab_size: int, head: str = "lm"):
@@ -104,8 +98,8 @@ def forward_backward(model, task: Task, data_iterators, n_micro: int, seq: int, 
     mbs * rows_per_sample rows of seq * row_length_factor positions."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    mbs *= getattr(task, "rows_per_sample", 1)
-    seq *= getattr(task, "row_length_factor", 1)
+    mbs *= task.rows_per_sample
+    seq *= task.row_length_factor
     return get_forward_backward_func()(
         forward_step_func=task.forward_step,
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
@@ -132,7 +126,7 @@ def evaluate(model, task: Task, data_iterators, iters: int, n_micro: int, seq: i
     reduced = _reduce_losses(losses, task.loss_names)
     loss = reduced[task.loss_names[0]]
     others = {k: v for k, v in reduced.items() if k not in (task.loss_names[0], "_tokens")}
-    ppl = {"ppl": math.exp(min(loss, 50.0))} if task.loss_names[0] == "lm loss" else {}
+    ppl = {"ppl": math.exp(min(loss, 50.0))} if task.reports_perplexity else {}
     return {"loss": loss, **ppl, "tokens": int(reduced["_tokens"])} | others
 
 
@@ -202,7 +196,7 @@ class Trainer:
         p = cfg.parallel
         dist.print_rank0(f"model: building {cfg.model.family} h{cfg.model.hidden_size} L{cfg.model.num_layers} "
                          f"(tp={p.tp} pp={p.pp}, {cfg.precision}) and its optimizer")
-        self.model, self.tcfg = build_model(cfg, vocab_size, getattr(task, "head", "lm"))
+        self.model, self.tcfg = build_model(cfg, vocab_size, task.head)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         one = len(self.model) == 1
@@ -217,10 +211,10 @@ class Trainer:
         self.is_writer = dist.is_rank0()
         self.metrics = MetricsWriter(stage_dir if self.is_writer else None, cfg.run.tensorboard)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        rows = cfg.train.global_batch_size * getattr(task, "rows_per_sample", 1)
-        row_length = cfg.data.seq_length * getattr(task, "row_length_factor", 1)
+        rows = cfg.train.global_batch_size * task.rows_per_sample
+        row_length = cfg.data.seq_length * task.row_length_factor
         self.tokens_per_step = rows * row_length  # positions, padding included
-        self.flops_per_step = gpt.flops_per_step(cfg.model, vocab_size, rows, row_length)
+        self.flops_per_step = size.flops_per_step(cfg.model, vocab_size, rows, row_length)
         self.peak = peak_flops() * world
         self.layout = actual_layout(cfg)
         self.bad_steps = 0  # consecutive non-finite steps
@@ -310,7 +304,7 @@ class Trainer:
         """Start from another checkpoint's weights (saved in any layout); the optimizer's main (fp32)
         copies of the parameters follow. A scalar-head model starting from a language model keeps its
         own freshly initialised head."""
-        head = getattr(self.task, "head", "lm")
+        head = self.task.head
         other_head = checkpoint.read_meta(ckpt).get("head", "lm") != head
         checkpoint.load_weights(ckpt, self.model, skip_output_layer=other_head)
         self.optimizer.reload_model_params()
@@ -372,15 +366,15 @@ class Trainer:
 
     def _step_work(self, iterators: list[Iterator]) -> tuple[int, float]:
         """Positions (padding included) and FLOPs of the step just taken, over all ranks: full rows of
-        seq_length, unless the iterators cut padding (megaflow.data.sft.SFTBatchIterator.take_shapes):
+        seq_length, unless the iterators cut padding (megaflow.data.sampler.MicroBatches.take_shapes):
         then the shapes that ran, summed over the data-parallel replicas."""
         shapes = Counter()
         for it in iterators:
-            shapes.update(it.take_shapes() if hasattr(it, "take_shapes") else {})
+            shapes.update(it.take_shapes())
         if not shapes:
             return self.tokens_per_step, self.flops_per_step
         work = torch.tensor([sum(n * rows * length for (rows, length), n in shapes.items()),
-                             sum(n * gpt.flops_per_step(self.cfg.model, self.vocab_size, rows, length)
+                             sum(n * size.flops_per_step(self.cfg.model, self.vocab_size, rows, length)
                                  for (rows, length), n in shapes.items())], dtype=torch.float64)
         dist.sum_over_data_parallel(work)
         return int(work[0]), float(work[1])

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from megaflow.errors import RunFailed, UserError
-from megaflow.training import manifest
+from megaflow.models import manifest
 
 HF_PREFIX = "hf:"
 _SMALL = 64 << 20  # files up to this size are hashed whole

@@ -6,11 +6,10 @@ restricted unpickler; never loads a tensor.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from megaflow.errors import UserError
-from megaflow.training import manifest
+from megaflow.models import manifest
 from megaflow.training.checkpoint import META_FILE, read_latest, read_meta
 
 
@@ -28,7 +27,7 @@ def resolve(path: str | Path) -> Path:
 def _tensor_summary(weights_dir: Path) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from megaflow.training.safe_pickle import load_metadata
+    from megaflow.models.safe_pickle import load_metadata
 
     if not (weights_dir / ".metadata").is_file():
         return {}

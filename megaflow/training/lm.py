@@ -9,16 +9,9 @@ import functools
 import torch
 
 from megaflow.training.losses import masked_token_loss
-from megaflow.models import gpt
+from megaflow.models.gpt import causal_mask
+from megaflow.training.engine import Task
 from megaflow.runtime import distributed as dist
-
-
-@functools.cache
-def causal_mask(seq_length: int) -> torch.Tensor | None:
-    """The local (CPU) attention needs an explicit boolean mask (True = masked out); TE is causal by type."""
-    if gpt.use_transformer_engine():
-        return None
-    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)[None, None]
 
 
 def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -32,10 +25,11 @@ def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torc
     return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group())
 
 
-class LanguageModelTask:
+class LanguageModelTask(Task):
     """Batches are dicts of `tokens`, `labels`, `loss_mask` ([batch, seq] each)."""
 
     loss_names = ("lm loss",)
+    reports_perplexity = True
 
     @staticmethod
     def get_batch(data_iterator):

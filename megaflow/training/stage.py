@@ -11,7 +11,7 @@ import torch
 from megaflow.config import StageConfig, dump_config
 from megaflow.data.tokenizer import Tokenizer, train_tokenizer
 from megaflow.errors import UserError
-from megaflow.models.gpt import padded_vocab_size
+from megaflow.models.size import padded_vocab_size
 from megaflow.runtime import distributed as dist
 
 

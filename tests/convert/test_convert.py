@@ -133,7 +133,7 @@ def test_tokenizer_files_are_carried_both_ways(run, name):
 
 
 def test_checkpoint_metadata(run):
-    from megaflow.training import manifest
+    from megaflow.models import manifest
 
     meta = json.loads((run["out"] / "gpt2.mf" / "megaflow.json").read_text())
     assert meta["kind"] == "final" and meta["padded_vocab_size"] == 384  # 257 padded to a multiple of 128

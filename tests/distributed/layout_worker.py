@@ -95,7 +95,7 @@ def layout_facts(trainer) -> dict:
 def run_layout(name: str, parallel: dict, out: Path, reference: bool = False) -> dict:
     from megatron.core import parallel_state
 
-    from megaflow.data.pretrain import BatchIterator
+    from megaflow.data.sampler import MicroBatches, stack_lm
     from megaflow.runtime import distributed as dist
     from megaflow.training import checkpoint
     from megaflow.training.engine import Trainer, data_parallel_rank_and_size
@@ -114,7 +114,7 @@ def run_layout(name: str, parallel: dict, out: Path, reference: bool = False) ->
     else:
         trainer.init_weights_from(out / "weights")
     dp_rank, dp_size = data_parallel_rank_and_size()
-    iterators = [BatchIterator(PatternDataset(), cfg.train.micro_batch_size, dp_rank, dp_size)
+    iterators = [MicroBatches(PatternDataset(), cfg.train.micro_batch_size, dp_rank, dp_size, collate=stack_lm)
                  for _ in trainer.model]
     steps = [trainer.train_step(iterators) for _ in range(STEPS)]
     facts = [None] * world
@@ -130,14 +130,14 @@ def context_parallel_check() -> dict:
     batch over a CP group of 2, reduce per-token losses as the engine does, compare with the full batch."""
     from megatron.core import parallel_state
 
-    from megaflow.data.pretrain import BatchIterator
+    from megaflow.data.sampler import MicroBatches, stack_lm
     from megaflow.training.engine import _reduce_losses
     from megaflow.training.lm import LanguageModelTask
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(context_parallel_size=2)
-    full = next(BatchIterator(PatternDataset(), 2, 0, 1))
+    full = next(MicroBatches(PatternDataset(), 2, 0, 1, collate=stack_lm))
     positions = torch.arange(SEQ).expand(2, SEQ)
     full["loss_mask"][:, ::7] = 0  # masked tokens must stay out of both the sum and the count
     per_token = full["labels"].float() * 0.01 + positions * 0.001  # a stand-in for the per-token CE

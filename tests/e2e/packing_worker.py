@@ -65,14 +65,14 @@ def check_family(name: str, samples) -> dict:
     from megaflow.config.schema import ModelConfig, ParallelConfig
     from megaflow.data.packing import block_diagonal_mask
     from megaflow.data.sft import SFTDataset
-    from megaflow.models import gpt
+    from megaflow.models import gpt, size
     from megaflow.runtime import distributed as dist
 
     dist.set_seeds(7)
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
                       max_position_embeddings=SEQ, **FAMILIES[name])
     tcfg = gpt.transformer_config(cfg, ParallelConfig())
-    model = gpt.build_gpt_chunks(cfg, tcfg, gpt.padded_vocab_size(VOCAB, cfg.make_vocab_size_divisible_by))[0].eval()
+    model = gpt.build_gpt_chunks(cfg, tcfg, size.padded_vocab_size(VOCAB, cfg.make_vocab_size_divisible_by))[0].eval()
     causal = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)[None, None]
 
     packed_ds = SFTDataset(samples, SEQ, pad_id=0, packing=True)

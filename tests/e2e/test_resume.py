@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from megaflow.training import manifest
+from megaflow.models import manifest
 from tests.conftest import TEST_CONFIG, run_megaflow
 
 pytestmark = pytest.mark.slow

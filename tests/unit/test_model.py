@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megaflow.config import load_config
-from megaflow.models import gpt
+from megaflow.models import gpt, size
 from megaflow.runtime import distributed as dist
 from tests.conftest import REPO
 
@@ -18,7 +18,7 @@ from tests.conftest import REPO
 ])
 def test_count_parameters_matches_the_built_model(overrides):
     cfg = load_config(REPO / "configs/stages/pretrain-test.yaml", overrides)
-    vocab = gpt.padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)
+    vocab = size.padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)
     dist.setup(seed=1)
     try:
         tcfg = gpt.transformer_config(cfg.model, cfg.parallel)
@@ -26,4 +26,4 @@ def test_count_parameters_matches_the_built_model(overrides):
         built = sum(p.numel() for p in model.parameters())
     finally:
         dist.teardown()
-    assert gpt.count_parameters(cfg.model, vocab) == built
+    assert size.count_parameters(cfg.model, vocab).total == built

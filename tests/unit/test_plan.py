@@ -62,14 +62,13 @@ def test_count_matches_the_built_megatron_model(name, overrides):
 
     cfg = preset(name, *overrides)
     vocab = plan.padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)
-    assert vocab == gpt.padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by)
     dist.setup(seed=1)
     try:
         tcfg = gpt.transformer_config(cfg.model, cfg.parallel)
         built = sum(p.numel() for p in gpt.build_gpt_chunks(cfg.model, tcfg, vocab)[0].parameters())
     finally:
         dist.teardown()
-    assert plan.count_parameters(cfg.model, vocab).total == built == gpt.count_parameters(cfg.model, vocab)
+    assert plan.count_parameters(cfg.model, vocab).total == built
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -14,11 +14,17 @@ import torch
 
 from megaflow.data import preference as pref
 from megaflow.data.chat import ChatTemplate
+from megaflow.data.sampler import MicroBatches
 from megaflow.data.tokenizer import CHAT_TEMPLATE, Tokenizer, train_tokenizer
 from megaflow.errors import DataError, UserError
 from megaflow.training.losses import sequence_logps
 
 U, A = "user", "assistant"
+
+
+def pairs(dataset, *args, **kwargs) -> MicroBatches:
+    """Micro-batches of pairs as the preference stages draw them: shuffled, chosen rows then rejected."""
+    return MicroBatches(dataset, *args, shuffle=True, collate=pref.collate_pairs, **kwargs)
 
 
 def msg(role, content):
@@ -124,7 +130,7 @@ def test_record_formats_and_configurable_fields(tmp_path):
         pref.record_to_pair({"prompt": "a", "chosen": "c\ud800", "rejected": "d"},
                             pref.PreferenceDataOptions(invalid_utf8="error"))
     opts = pref.PreferenceDataOptions.from_config({"seq_length": 64, "other": 1, "allow_skip": True}, seq_length=32)
-    assert (opts.seq_length, opts.allow_skip, opts.truncation) == (32, True, "truncate")
+    assert (opts.seq_length, opts.allow_skip, opts.truncation) == (32, True, "truncate_left")  # the schema's default
     with pytest.raises(UserError, match="truncation"):
         pref.PreferenceDataOptions(truncation="cut")
     with pytest.raises(UserError, match="format"):
@@ -250,7 +256,8 @@ def test_truncation_policies(tok, template):
     limit = 24
     assert len(full_c) > limit >= len(full_r)
     summary = pref.PreferenceDataSummary()
-    kept = pref.tokenize_pairs([long, short], template, pref.PreferenceDataOptions(seq_length=limit), summary)
+    kept = pref.tokenize_pairs([long, short], template, pref.PreferenceDataOptions(seq_length=limit, truncation="truncate"),
+                               summary)
     assert summary.truncated == 1 and len(kept) == 2
     assert kept[0].chosen_ids.tolist() == full_c[:limit].tolist() and kept[0].rejected_ids.tolist() == full_r.tolist()
     # truncate_left: the same cut from both starts, at most up to the response, then the end
@@ -279,10 +286,11 @@ def test_truncation_policies(tok, template):
         pref.tokenize_pairs([long], template, pref.PreferenceDataOptions(seq_length=limit, truncation="error"))
     # a truncation that leaves a side without response tokens skips the pair, reported
     summary = pref.PreferenceDataSummary()
-    pref.tokenize_pairs([long_prompt, short], template, pref.PreferenceDataOptions(seq_length=limit), summary)
+    cut_right = pref.PreferenceDataOptions(seq_length=limit, truncation="truncate")
+    pref.tokenize_pairs([long_prompt, short], template, cut_right, summary)
     assert summary.skipped["no response tokens"] == 1 and summary.samples == 1
     with pytest.raises(DataError, match="no usable pairs"):
-        pref.tokenize_pairs([long_prompt], template, pref.PreferenceDataOptions(seq_length=limit))
+        pref.tokenize_pairs([long_prompt], template, cut_right)
 
 
 # --- batches: chosen and rejected in one forward ------------------------------------------------
@@ -348,15 +356,15 @@ def test_batches_per_rank_cover_the_stream_and_resume(tok, template):
     def stream(it, n):
         return [b["tokens"] for b in (next(it) for _ in range(n))]
 
-    one = stream(pref.PreferenceBatchIterator(ds, 2, 0, 1, seed=3), 10)  # 20 pairs: two epochs
-    ranks = [stream(pref.PreferenceBatchIterator(ds, 1, r, 2, seed=3), 10) for r in range(2)]
+    one = stream(pairs(ds, 2, 0, 1, seed=3), 10)  # 20 pairs: two epochs
+    ranks = [stream(pairs(ds, 1, r, 2, seed=3), 10) for r in range(2)]
     for k in range(10):  # rank 0 takes pair 0 of each global batch, rank 1 pair 1; chosen rows first
         assert one[k].shape == (4, 24)
         assert torch.equal(one[k], torch.stack([ranks[0][k][0], ranks[1][k][0], ranks[0][k][1], ranks[1][k][1]]))
     epoch0 = [b for k in range(5) for b in (one[k][:2], one[k][2:])]
     chosen_rows = sorted(tuple(r.tolist()) for b in epoch0[0::2] for r in b)
     assert chosen_rows == sorted(tuple(ds[i]["tokens"][0].tolist()) for i in range(10))
-    resumed = stream(pref.PreferenceBatchIterator(ds, 2, 0, 1, consumed_samples=8, seed=3), 6)
+    resumed = stream(pairs(ds, 2, 0, 1, consumed_samples=8, seed=3), 6)
     assert all(torch.equal(a, b) for a, b in zip(resumed, one[4:]))
 
 
@@ -377,7 +385,7 @@ def test_pair_batches_cut_padding_and_keep_their_per_pair_entries(tok, template)
     items = pairs_of(*[(f"q{i}", f"good {i}", "bad " * (i + 1)) for i in range(6)])
     samples = pref.tokenize_pairs(items, template, pref.PreferenceDataOptions(seq_length=48))
     ds = pref.PreferenceDataset(samples, 48, tok.pad_id, reference=np.arange(12.0).reshape(6, 2))
-    full, cut = (pref.PreferenceBatchIterator(ds, 2, 0, 1, seed=5, pad_multiple=m) for m in (0, 16))
+    full, cut = (pairs(ds, 2, 0, 1, seed=5, pad_multiple=m) for m in (0, 16))
     for _ in range(3):
         a, b = next(full), next(cut)
         length = b["tokens"].shape[1]

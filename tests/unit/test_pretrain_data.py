@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from megaflow.config.schema import StageConfig
-from megaflow.data.pretrain import BatchIterator, build_datasets, consumed_per_dataset
+from megaflow.data.pretrain import build_datasets, consumed_per_dataset
+from megaflow.data.sampler import MicroBatches, stack_lm
 from megaflow.data.tokenizer import train_tokenizer
 
 
@@ -56,12 +57,12 @@ def test_indexed_prefix_is_used_as_is_and_split_has_no_overlap(corpora):
 def test_data_parallel_ranks_split_each_global_batch():
     data = [{"tokens": np.array([i]), "labels": np.array([i]), "loss_mask": np.array([1.0])} for i in range(64)]
     data = [{k: __import__("torch").as_tensor(v) for k, v in d.items()} for d in data]
-    single = BatchIterator(data, micro_batch_size=4, dp_rank=0, dp_size=1)
-    ranks = [BatchIterator(data, micro_batch_size=2, dp_rank=r, dp_size=2) for r in range(2)]
+    single = MicroBatches(data, micro_batch_size=4, dp_rank=0, dp_size=1, collate=stack_lm)
+    ranks = [MicroBatches(data, micro_batch_size=2, dp_rank=r, dp_size=2, collate=stack_lm) for r in range(2)]
     seen_single = {int(x) for _ in range(2) for x in next(single)["tokens"].flatten()}
     seen_dp = {int(x) for it in ranks for _ in range(2) for x in next(it)["tokens"].flatten()}
     assert seen_single == seen_dp == set(range(8))  # the same eight samples make the first global batch
-    resumed = BatchIterator(data, micro_batch_size=4, dp_rank=0, dp_size=1, consumed_samples=8)
+    resumed = MicroBatches(data, micro_batch_size=4, dp_rank=0, dp_size=1, consumed_samples=8, collate=stack_lm)
     assert next(resumed)["tokens"].flatten().tolist() == [8, 9, 10, 11]
 
 

@@ -121,3 +121,29 @@ def test_benchmark_tools_explain_themselves(tool):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--help"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_imports_follow_the_layers_and_have_no_circles():
+    """docs/design.md §1, checked by import-linter over the code's imports (pyproject's [tool.importlinter]):
+    each package imports only the layers below it, and no modules of a package import each other in a
+    circle. Deliberately breaking it (an import of megaflow.pipeline in megaflow/models) fails here."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    if not lint.exists():
+        pytest.skip("import-linter is in the test extra (scripts/setup.sh installs it)")
+    proc = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "2 kept, 0 broken" in proc.stdout
+
+
+def test_the_registry_is_what_the_cli_offers():
+    """Every stage is one module with STAGE and one registry line; `megaflow train` offers the training
+    stages, the pipeline all of them."""
+    from megaflow.algorithms import registry
+    from megaflow.algorithms.runner import TrainingStage
+
+    for name in registry.names():
+        stage = registry.get(name)
+        assert stage.name == name
+        assert isinstance(stage, TrainingStage) == (name in registry.TRAINING), name
+    out = subprocess.run([sys.executable, "-m", "megaflow", "train", "--help"], capture_output=True, text=True).stdout
+    assert "{" + ",".join(registry.TRAINING) + "}" in out

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from megaflow.training import safe_pickle
+from megaflow.models import safe_pickle
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import torch
 from megaflow.data import packing, sft
 from megaflow.data.chat import ChatTemplate, chat_tokenizer, grow_embedding
 from megaflow.data.records import EXAMPLES_KEPT
+from megaflow.data.sampler import MicroBatches
 from megaflow.data.synthetic import make_instruction_data, write_instruction_data
 from megaflow.data.tokenizer import CHAT_TEMPLATE, Tokenizer, train_tokenizer
 from megaflow.errors import DataError, UserError
@@ -408,15 +409,15 @@ def test_batches_per_rank_cover_the_stream_and_resume(template):
     def stream(it, n):
         return [b["tokens"] for b in (next(it) for _ in range(n))]
 
-    one = stream(sft.SFTBatchIterator(ds, 2, 0, 1, seed=3), 10)  # 20 rows: two epochs
-    ranks = [stream(sft.SFTBatchIterator(ds, 1, r, 2, seed=3), 10) for r in range(2)]
+    one = stream(MicroBatches(ds, 2, 0, 1, seed=3, shuffle=True), 10)  # 20 rows: two epochs
+    ranks = [stream(MicroBatches(ds, 1, r, 2, seed=3, shuffle=True), 10) for r in range(2)]
     assert all(torch.equal(one[k], torch.cat([ranks[0][k], ranks[1][k]])) for k in range(10))
     epoch0 = torch.cat(one[:5])
     assert sorted(map(tuple, epoch0.tolist())) == sorted(tuple(ds[i]["tokens"].tolist()) for i in range(10))
     assert not torch.equal(epoch0, torch.cat(one[5:]))  # a new order each epoch
-    resumed = stream(sft.SFTBatchIterator(ds, 2, 0, 1, consumed_samples=8, seed=3), 6)
+    resumed = stream(MicroBatches(ds, 2, 0, 1, consumed_samples=8, seed=3, shuffle=True), 6)
     assert all(torch.equal(a, b) for a, b in zip(resumed, one[4:]))
-    batch = next(sft.SFTBatchIterator(ds, 2, 0, 1))
+    batch = next(MicroBatches(ds, 2, 0, 1, shuffle=True))
     assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "segment_ids"}
     assert batch["tokens"].shape == (2, 16) and batch["tokens"].dtype == torch.int64
 
@@ -474,7 +475,7 @@ def test_iterator_cuts_padding_and_counts_what_it_yielded(template):
     samples = sft.tokenize([conv(i, f"q{i}", "a" * (i + 1)) for i in range(6)], template,
                            sft.SFTDataOptions(seq_length=64))
     ds = sft.SFTDataset(samples, 64, pad_id=1, packing=False)
-    full, cut = sft.SFTBatchIterator(ds, 3, 0, 1, seed=3), sft.SFTBatchIterator(ds, 3, 0, 1, seed=3, pad_multiple=8)
+    full, cut = MicroBatches(ds, 3, 0, 1, seed=3, shuffle=True), MicroBatches(ds, 3, 0, 1, seed=3, pad_multiple=8, shuffle=True)
     shapes = []
     for _ in range(4):
         a, b = next(full), next(cut)

@@ -141,7 +141,7 @@ def install() -> None:
     names = filesystem.FileSystemReader.read_metadata.__code__.co_names
     if filesystem.pickle is not pickle or "pickle" not in names or "load" not in names:
         raise RuntimeError("torch.distributed.checkpoint.filesystem no longer reads .metadata with pickle.load; "
-                           "update megaflow/training/safe_pickle.py::install")
+                           "update megaflow/models/safe_pickle.py::install")
     filesystem.pickle = _PickleShim()
     _install_weights_only_objects()
 
@@ -169,6 +169,6 @@ def _install_weights_only_objects() -> None:
         return
     if "load" not in default_planner.DefaultLoadPlanner.load_bytes.__code__.co_names:
         raise RuntimeError("torch's DefaultLoadPlanner.load_bytes no longer uses torch.load; "
-                           "update megaflow/training/safe_pickle.py::install")
+                           "update megaflow/models/safe_pickle.py::install")
     register_safe_globals()
     default_planner.torch = _TorchShim()
