@@ -1,34 +1,37 @@
 #!/usr/bin/env bash
-# The embedded demo: trains a byte-level BPE tokenizer on the bundled tinyshakespeare sample, preprocesses
-# it into megatron indexed files and pretrains the ~2M-parameter tiny model (about 3 minutes on 2 CPU
-# cores). Extra arguments go to `megaflow train`, e.g. dotted overrides:
-#   bash scripts/demo.sh train.steps=50
+# The embedded demo: the whole tiny pipeline (configs/pipelines/tiny.yaml) on bundled data, about 8-9
+# minutes on 2 CPU cores: a byte-level BPE tokenizer, tinyshakespeare preprocessed into megatron indexed
+# files, the ~2M-parameter tiny model pretrained, fine-tuned on megaflow's generated instructions, a reward
+# model and DPO on generated preference pairs, and every model evaluated on the same held-out sets.
+# Extra arguments go to `megaflow run`, e.g.:
+#   bash scripts/demo.sh --dry-run                  # what would run, and why
+#   bash scripts/demo.sh sft.train.steps=200        # a stage's override: that stage and what follows rerun
 #   bash scripts/demo.sh run.dir=runs/tiny2
+# Run it again: finished stages are skipped, an interrupted one resumes.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 
-run_dir=runs/tiny   # run.dir in configs/stages/pretrain-tiny.yaml; a run.dir=... override wins
+run_dir=runs/tiny   # run.dir in configs/pipelines/tiny.yaml; a run.dir=... override wins
 for arg in "$@"; do
     case "$arg" in run.dir=*) run_dir=${arg#run.dir=} ;; esac
 done
 
 status=0
-.venv/bin/python -m megaflow train pretrain --config configs/stages/pretrain-tiny.yaml "$@" || status=$?
+.venv/bin/python -m megaflow run configs/pipelines/tiny.yaml "$@" || status=$?
+case "$*" in *--dry-run*) exit "$status" ;; esac
+case "$run_dir" in /*) out="$run_dir" ;; *) out="$(pwd)/$run_dir" ;; esac
 if [ "$status" -ne 0 ]; then
-    echo "demo: training failed (exit $status)" >&2
+    echo "demo: the pipeline stopped (exit $status); what ran is in $out/report.md" >&2
     exit "$status"
 fi
-case "$*" in *--dry-run*) exit 0 ;; esac
-
-case "$run_dir" in /*) out="$run_dir/pretrain" ;; *) out="$(pwd)/$run_dir/pretrain" ;; esac
 echo
 echo "demo: results in $out/"
-echo "  eval.json      final evaluation (validation loss, perplexity)"
-echo "  metrics.jsonl  one JSON object per logged step (loss, lr, grad_norm, tok/s, ...)"
-echo "  final/         weights-only checkpoint + megaflow.json + tokenizer/"
-echo "  checkpoints/   resumable megatron checkpoints; config.yaml: the resolved config"
-for f in eval.json metrics.jsonl final; do
+echo "  report.md       what each stage did and bought (tables; plots/ has the curves)"
+echo "  pipeline.json   each stage's config and input hashes, status, timings and metrics"
+echo "  STAGE/          config.yaml, metrics.jsonl, eval.json, checkpoints/, final/ of every stage"
+for f in report.md pipeline.json eval/eval.json dpo/final; do
     [ -e "$out/$f" ] || echo "demo: warning: $out/$f is missing" >&2
 done
+sed -n '/What each stage bought/,/^ppl:/p' "$out/report.md"
