@@ -239,3 +239,43 @@ def test_invalid_pipelines_fail_before_anything_runs(tmp_path, corpus, edit, nee
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_pipeline_from_a_random_hf_llama_runs_sft_dpo_eval(tmp_path, corpus):
+    """configs/pipelines/from-hf.yaml's shape: an HF directory made here (random weights, a tokenizer
+    trained here) straight into sft -> dpo -> eval, with no pretraining stage."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from megaflow.data.tokenizer import train_tokenizer
+    from tests.convert import hf_models
+
+    hf = tmp_path / "hf"
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**hf_models.SMALL, num_key_value_heads=2,
+                                                         max_position_embeddings=64))
+    hf_models.randomize(model, seed=7)
+    model.save_pretrained(hf)
+    train_tokenizer([str(corpus)], hf_models.VOCAB, str(tmp_path / "tok"))
+    for f in (tmp_path / "tok").iterdir():
+        (hf / f.name).write_bytes(f.read_bytes())
+    text = (REPO / "configs" / "pipelines" / "from-hf.yaml").read_text()
+    text = text.replace("../stages/", f"{STAGES}/").replace("data/sample/", f"{REPO}/data/sample/")
+    text = text.replace("  rm:\n    config: " + f"{STAGES}/rm-tiny.yaml\n    init_from: ${{stages.sft.output}}\n", "")
+    text = text.replace('    reward_model: ${stages.rm.output}\n', "").replace(
+        f"    preferences: {REPO}/data/sample/pref-words/heldout.jsonl\n", "")
+    path = tmp_path / "from-hf.yaml"
+    path.write_text(text)
+    assert "rm:" not in text and "reward_model" not in text
+    steps = ["sft.train.steps=4", "sft.train.warmup_steps=1", "sft.eval.exact_match=4", "dpo.train.steps=2",
+             "dpo.train.warmup_steps=1", "eval.limit=4", "eval.max_new_tokens=4", f"run.dir={tmp_path / 'run'}",
+             f"sft.data.train=[{{path: {SFT_DATA / 'train.jsonl'}}}]", f"sft.data.sft.valid=[{SFT_DATA / 'heldout.jsonl'}]",
+             f"dpo.data.train=[{{path: {PREF_DATA / 'train.jsonl'}}}]",
+             f"dpo.data.preference.valid=[{PREF_DATA / 'heldout.jsonl'}]"]
+    env = {"HF_MODEL": str(hf), "MEGAFLOW_CACHE": str(tmp_path / "cache")}
+    proc = run_megaflow("run", str(path), *steps, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert list(_record(tmp_path / "run")) == ["sft", "dpo", "eval"]
+    models = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())["models"]
+    assert set(models) == {"sft", "dpo"} and models["sft"]["kl_to_sft"] == 0.0
+    sft_meta = json.loads((tmp_path / "run" / "sft" / "final" / "megaflow.json").read_text())
+    assert sft_meta["model"]["hidden_size"] == 64 and "hf" in sft_meta["parents"][0]
