@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "GPU-hours and cost for a token budget. Formulas: megaflow/plan.py and docs/parallelism.md. "
                     "Example: megaflow plan configs/models/llama3.1-70b.yaml precision=bf16 parallel.tp=8 "
                     "parallel.pp=4 --seq-length 8192 --gpus 64 --tokens 15e12")
-    p.add_argument("config", help="a stage YAML file, or a model preset such as configs/models/llama3.1-8b.yaml")
+    p.add_argument("config", help="a stage YAML file, a model preset such as configs/models/llama3.1-8b.yaml, or a "
+                                  "pipeline file (every training stage on its nproc_per_node GPUs)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. precision=bf16 parallel.tp=8 parallel.recompute=selective")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
@@ -271,7 +272,8 @@ def _cmd_run(args) -> int:
     from megaflow.pipeline.runner import execute
     from megaflow.pipeline.spec import load_pipeline
 
-    pipeline = load_pipeline(args.pipeline, args.overrides, nproc_per_node=args.nproc_per_node or 1)
+    pipeline = load_pipeline(args.pipeline, args.overrides, nproc_per_node=args.nproc_per_node or 1,
+                             missing_ok=args.dry_run)
     return execute(pipeline, only=args.only, start_from=args.start_from, dry_run=args.dry_run)
 
 
@@ -364,12 +366,42 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_plan(args) -> int:
     from megaflow import plan
+    from megaflow.pipeline.spec import is_pipeline_file
 
+    if is_pipeline_file(args.config):
+        return _plan_pipeline(args)
     cfg = plan.load_plan_config(args.config, args.overrides, seq_length=args.seq_length)
     result = plan.make_plan(cfg, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, tokens=args.tokens,
                             peak_tflops=args.peak_tflops, mfu=args.mfu, price=args.price,
                             flash_attention=args.attention == "flash", overhead_gib=args.overhead)
     print(json.dumps(result.to_dict()) if args.json else plan.format_plan(result, title=f"{args.config}\n"))
+    return 0
+
+
+def _plan_pipeline(args) -> int:
+    """`megaflow plan PIPELINE.yaml`: every training stage's plan on its own processes (nproc_per_node)."""
+    from megaflow import plan
+    from megaflow.pipeline.spec import load_pipeline
+
+    if args.seq_length is not None:
+        raise UserError("--seq-length: not for a pipeline: each stage is planned at its own data.seq_length")
+    pipeline = load_pipeline(args.config, args.overrides, missing_ok=True)
+    plans, texts = {}, []
+    for name, p in pipeline.stages.items():
+        if name not in registry.TRAINING:
+            continue
+        if p.cfg.model_from_init:
+            texts.append(f"== {name}: its model is the one of init_from {p.cfg.init_from}, not there yet")
+            continue
+        price = args.price if args.price is not None else pipeline.price_per_hour
+        result = plan.make_plan(p.cfg, gpus=args.gpus or p.nproc, gpu_memory_gib=args.gpu_memory, tokens=args.tokens,
+                                peak_tflops=args.peak_tflops, mfu=args.mfu, price=price,
+                                flash_attention=args.attention == "flash", overhead_gib=args.overhead)
+        plans[name] = result.to_dict()
+        texts.append(plan.format_plan(result, title=f"== {name} ({args.config})\n"))
+    if pipeline.missing:
+        texts.append("missing inputs (a run stops on the first):\n" + "\n".join(f"  {m}" for m in pipeline.missing))
+    print(json.dumps({"stages": plans, "missing": pipeline.missing}) if args.json else "\n\n".join(texts))
     return 0
 
 

@@ -3,7 +3,7 @@
 #   - the launcher: srun on the host (PYTHON) or in a container through pyxis/enroot (CONTAINER);
 #   - the rendezvous environment (MASTER_ADDR, MASTER_PORT) and per-rank threads (OMP_NUM_THREADS);
 #   - mf_train STAGE CONFIG [key=value ...]   one `megaflow train STAGE` run, requeued while unfinished;
-#   - mf_pipeline PIPELINE [key=value ...]    one `megaflow run PIPELINE` run, requeued while unfinished.
+#   - mf_pipeline PIPELINE [key=value ...]    one `megaflow run PIPELINE` runner, requeued while unfinished.
 # Every variable is explained in README.md next to this file; the preemption/requeue mechanism is under
 # "Preemption and requeue" there.
 # shellcheck shell=bash
@@ -175,21 +175,9 @@ mf_resolve_run_dir() {
     [ -n "$MF_RUN_DIR" ] || mf_die "could not read run.dir from 'megaflow $* --dry-run'; set RUN_DIR"
 }
 
-# mf_launch DONE_FILE RUN_DIR -- MEGAFLOW-ARGS...: srun megaflow on every task, wait (signals are handled
-# meanwhile), then decide from srun's exit code and the files megaflow wrote whether the run finished or
-# stopped early, and requeue the job in the second case. Exits the script with the outcome's code.
-mf_launch() {
-    local done_file=$1 run_dir=$2
-    shift 3
-    local done_before progress_before rc=0 outcome done_changed=0 progress_changed=0
-    done_before=$(mf_sig "$done_file")
-    progress_before=$(mf_progress_sig "$run_dir")
-    if [ -n "$MF_STOP" ]; then
-        # The signal came while the run was being prepared: do not start megaflow only to stop it.
-        mf_log "stop requested before the launch"
-        mf_requeue
-        exit 0
-    fi
+# mf_srun MEGAFLOW-ARGS...: srun megaflow on every task and wait for it, signals being handled meanwhile.
+# Sets MF_RC to srun's exit code.
+mf_srun() {
     local where="host python $MF_PY"
     if [ -n "$CONTAINER" ]; then where="container $CONTAINER"; fi
     mf_log "job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-this host}, $where"
@@ -205,18 +193,36 @@ mf_launch() {
         if [ "$waited" -gt 128 ] && kill -0 "$MF_CHILD" 2>/dev/null; then continue; fi
         break
     done
-    rc=$waited
-    if [ "$rc" -gt 128 ]; then rc=0; wait "$MF_CHILD" || rc=$?; fi
+    MF_RC=$waited
+    if [ "$MF_RC" -gt 128 ]; then MF_RC=0; wait "$MF_CHILD" || MF_RC=$?; fi
     MF_CHILD=""
+}
+
+# mf_launch DONE_FILE RUN_DIR -- MEGAFLOW-ARGS...: srun megaflow on every task, then decide from srun's exit
+# code and the files megaflow wrote whether the run finished or stopped early, and requeue the job in the
+# second case. Exits the script with the outcome's code.
+mf_launch() {
+    local done_file=$1 run_dir=$2
+    shift 3
+    local done_before progress_before outcome done_changed=0 progress_changed=0
+    done_before=$(mf_sig "$done_file")
+    progress_before=$(mf_progress_sig "$run_dir")
+    if [ -n "$MF_STOP" ]; then
+        # The signal came while the run was being prepared: do not start megaflow only to stop it.
+        mf_log "stop requested before the launch"
+        mf_requeue
+        exit 0
+    fi
+    mf_srun "$@"
     [ "$(mf_sig "$done_file")" = "$done_before" ] || done_changed=1
     [ "$(mf_progress_sig "$run_dir")" = "$progress_before" ] || progress_changed=1
-    outcome=$(mf_decide "$rc" "$MF_STOP" "$done_changed" "$progress_changed")
-    mf_log "srun exited $rc${MF_STOP:+ after SIG$MF_STOP}: $outcome"
+    outcome=$(mf_decide "$MF_RC" "$MF_STOP" "$done_changed" "$progress_changed")
+    mf_log "srun exited $MF_RC${MF_STOP:+ after SIG$MF_STOP}: $outcome"
     case $outcome in
         finished)   mf_log "done: $done_file"; exit 0 ;;
         stopped)    mf_requeue; exit 0 ;;
         incomplete) mf_log "megaflow exited 0 without finishing or saving a checkpoint: not requeued"; exit 0 ;;
-        *)          mf_log "megaflow failed (exit $rc): not requeued"; exit "$rc" ;;
+        *)          mf_log "megaflow failed (exit $MF_RC): not requeued"; exit "$MF_RC" ;;
     esac
 }
 
@@ -230,14 +236,27 @@ mf_train() {
     mf_launch "$MF_RUN_DIR/$stage/eval.json" "$MF_RUN_DIR" -- train "$stage" --config "$config" "$@"
 }
 
-# mf_pipeline PIPELINE [key=value ...]: `megaflow run PIPELINE ...` on every task. Finished when the last
-# stage's eval.json is written: FINAL_STAGE names that stage (DONE_FILE may name another file instead).
+# mf_pipeline PIPELINE [key=value ...]: `megaflow run PIPELINE ...` as the job's one task; the runner starts
+# each stage on this node's GPUs (the stage's nproc_per_node). `megaflow run` exits 0 when every stage is
+# done, 75 when a stage saved a checkpoint and stopped (a stop signal, train.max_minutes): requeued, and
+# the next job skips the finished stages and resumes that one. pipeline.json under run.dir holds the state.
 mf_pipeline() {
     local pipeline=$1
     shift
     [ -f "$pipeline" ] || mf_die "pipeline file not found: $pipeline (relative to $PWD)"
-    [ -n "${DONE_FILE:-}" ] || [ -n "${FINAL_STAGE:-}" ] \
-        || mf_die "set FINAL_STAGE to the pipeline's last stage (its eval.json marks the pipeline as finished)"
-    mf_resolve_run_dir run "$pipeline" "$@"
-    mf_launch "${DONE_FILE:-$MF_RUN_DIR/$FINAL_STAGE/eval.json}" "$MF_RUN_DIR" -- run "$pipeline" "$@"
+    [ "${SLURM_NNODES:-1}" -le 1 ] || mf_die "a pipeline runs on one node (its stages' nproc_per_node); run the stages of a multi-node job one by one with the stage scripts here"
+    [ "${SLURM_NTASKS:-1}" -le 1 ] || mf_die "a pipeline job has one task (#SBATCH --ntasks-per-node=1): the runner launches each stage's ranks itself"
+    if [ -n "$MF_STOP" ]; then
+        mf_log "stop requested before the launch"
+        mf_requeue
+        exit 0
+    fi
+    mf_srun run "$pipeline" "$@"
+    mf_log "srun exited $MF_RC${MF_STOP:+ after SIG$MF_STOP}"
+    case $MF_RC in
+        0)  mf_log "pipeline finished: report.md under its run.dir"; exit 0 ;;
+        75) mf_requeue; exit 0 ;;
+        *)  if [ -n "$MF_STOP" ] && [ "$MF_RC" -gt 128 ]; then mf_requeue; exit 0; fi
+            mf_log "megaflow run failed (exit $MF_RC): not requeued"; exit "$MF_RC" ;;
+    esac
 }

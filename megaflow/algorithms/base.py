@@ -63,13 +63,31 @@ class Stage:
         return bool(result) and result.get("status", "done") == "done" and self.output(cfg).exists()
 
 
-def check_inputs_exist(stage: Stage, cfg, pending: frozenset[str] = frozenset()) -> None:
-    """Every input exists, except those a pipeline stage upstream will make (`pending`)."""
+def check_wandb(run) -> None:
+    """`run.wandb` needs the wandb package, which megaflow does not install."""
+    import importlib.util
+
+    if run.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise UserError("run.wandb: W&B logging needs the wandb package (pip install wandb), or remove run.wandb")
+
+
+def missing_inputs(stage: Stage, cfg, pending: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """(config key, path) of every input that is not there, except those a pipeline stage upstream will
+    make (`pending`). An `hf:DIR` input counts as its directory."""
+    missing = []
     for key, path in stage.inputs(cfg).items():
-        if path is None or str(path) in pending or str(path).startswith("hf:"):
+        if path is None or str(path) in pending:
             continue
-        if not Path(path).exists() and not _indexed_prefix(path):
-            raise UserError(f"{key}: file not found: {path}")
+        local = str(path).removeprefix("hf:")
+        if not Path(local).exists() and not _indexed_prefix(local):
+            missing.append((key, str(path)))
+    return missing
+
+
+def check_inputs_exist(stage: Stage, cfg, pending: frozenset[str] = frozenset()) -> None:
+    """Every input exists (see missing_inputs): the first one missing is an error naming its key."""
+    for key, path in missing_inputs(stage, cfg, pending)[:1]:
+        raise UserError(f"{key}: file not found: {path}")
 
 
 def _indexed_prefix(path: str) -> bool:

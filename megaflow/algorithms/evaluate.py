@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from megaflow.algorithms.base import Stage
+from megaflow.algorithms.base import Stage, check_wandb
 from megaflow.config.schema import EvalStageConfig
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
@@ -32,6 +32,7 @@ class EvalStage(Stage):
         return out
 
     def check(self, cfg: EvalStageConfig) -> None:
+        check_wandb(cfg.run)
         if cfg.reference is not None and cfg.reference not in cfg.models:
             raise UserError(f"reference: {cfg.reference!r} is not one of models ({', '.join(cfg.models)})")
         if cfg.reference and not cfg.prompts:
@@ -71,7 +72,21 @@ class EvalStage(Stage):
         tmp = stage_dir / "eval.json.tmp"
         tmp.write_text(json.dumps(out, indent=1))
         tmp.replace(stage_dir / "eval.json")
+        _log_wandb(cfg, results, stage_dir)
         return out
+
+
+def _log_wandb(cfg: EvalStageConfig, results: dict[str, dict], stage_dir: Path) -> None:
+    """With run.wandb: one W&B run `eval` in the pipeline's group, every model's metrics as MODEL/METRIC."""
+    from megaflow.training.metrics import open_wandb
+
+    run = open_wandb(cfg.run.wandb, cfg.run.name, cfg.stage, stage_dir, cfg.model_dump(mode="json"))
+    if run is None:
+        return
+    flat = {f"{label}/{k}": v for label, r in results.items() for k, v in r.items() if isinstance(v, (int, float))}
+    run.log(flat, step=0)
+    run.summary.update(flat)
+    run.finish()
 
 
 def _perplexity(ckpt: str, cfg: EvalStageConfig) -> dict:

@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from megaflow.algorithms.base import Stage, Work, check_inputs_exist
+from pydantic import ValidationError
+
+from megaflow.algorithms.base import Stage, Work, check_inputs_exist, check_wandb
 from megaflow.config import StageConfig
+from megaflow.config.loader import format_validation_error
 from megaflow.config.schema import ModelConfig
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
@@ -35,6 +38,7 @@ class TrainingStage(Stage):
         return out
 
     def check(self, cfg: StageConfig) -> None:
+        check_wandb(cfg.run)
         if not cfg.data.train:
             raise UserError(f"data.train: no training data given for the {self.name} stage")
         if self.needs_init and not cfg.init_from:
@@ -83,8 +87,11 @@ def run_training(st: TrainingStage, cfg: StageConfig) -> dict:
         st.check_init(cfg)  # a damaged or wrong checkpoint is named before a missing data file
     check_inputs_exist(st, cfg)
     init_dir = init_from.resolve_init_from(cfg.init_from, log=dist.print_rank0) if cfg.init_from else None
-    if init_dir is not None and st.model_from_init and not cfg.model.model_fields_set:
-        cfg.model = ModelConfig(**checkpoint.read_meta(init_dir)["model"])  # the initial model, as it is
+    if init_dir is not None and cfg.model_from_init:
+        try:  # the initial model, as it is; the assignment checks the rules that need the model
+            cfg.model = ModelConfig(**checkpoint.read_meta(init_dir)["model"])
+        except ValidationError as e:
+            raise UserError(f"the model of init_from {cfg.init_from}: {format_validation_error(e)}") from None
     stage.setup_runtime(cfg)
     if init_dir is not None and not cfg.tokenizer.path and (init_dir / "tokenizer").is_dir():
         cfg.tokenizer.path = str(init_dir / "tokenizer")  # the initial checkpoint's own tokenizer

@@ -15,12 +15,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class WandbConfig(Section):
+    """Weights & Biases logging of every logged step (megaflow/training/metrics.py). One W&B run per stage,
+    named after the stage and grouped by run.name; a resumed stage goes on in its own W&B run."""
+
+    project: str = "megaflow"
+    entity: str | None = None
+    group: str | None = None  # default: run.name
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline"] = "online"  # offline: files under the stage directory, `wandb sync` later
+
+
 class RunConfig(Section):
     name: str = "run"
     dir: str = "runs/run"
     log_every: int = Field(1, ge=1)
     tensorboard: bool = True
     progress: bool = True
+    wandb: WandbConfig | None = None  # {project: ...} turns W&B logging on (needs `pip install wandb`)
 
 
 class RopeScaling(Section):
@@ -303,27 +315,34 @@ class StageConfig(Section):
     rm: RMConfig = Field(default_factory=RMConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
 
+    @property
+    def model_from_init(self) -> bool:
+        """No model section, and an init_from to take the model from (every stage but pretrain, whose
+        config names its model): the rules that need the model wait until the runner assigns it."""
+        return bool(self.init_from) and not self.model.model_fields_set and self.stage != "pretrain"
+
     @model_validator(mode="after")
     def _cross_section(self) -> "StageConfig":
         m, p = self.model, self.parallel
-        if m.num_attention_heads % p.tp:
-            raise ValueError(
-                f"parallel.tp ({p.tp}) must divide model.num_attention_heads ({m.num_attention_heads})"
-            )
-        if m.query_groups % p.tp:
-            raise ValueError(f"parallel.tp ({p.tp}) must divide model.num_query_groups ({m.query_groups})")
-        if m.ffn_hidden_size % p.tp:
-            raise ValueError(f"parallel.tp ({p.tp}) must divide model.ffn_hidden_size ({m.ffn_hidden_size})")
-        layers_per = p.pp * (p.vpp or 1)
-        if m.num_layers % layers_per:
-            raise ValueError(
-                f"parallel.pp*vpp ({layers_per}) must divide model.num_layers ({m.num_layers})"
-            )
-        if self.data.seq_length > m.max_position_embeddings:
-            raise ValueError(
-                f"data.seq_length ({self.data.seq_length}) exceeds the model's maximum "
-                f"model.max_position_embeddings ({m.max_position_embeddings})"
-            )
+        if not self.model_from_init:  # validate_assignment runs this again once the model is assigned
+            if m.num_attention_heads % p.tp:
+                raise ValueError(
+                    f"parallel.tp ({p.tp}) must divide model.num_attention_heads ({m.num_attention_heads})"
+                )
+            if m.query_groups % p.tp:
+                raise ValueError(f"parallel.tp ({p.tp}) must divide model.num_query_groups ({m.query_groups})")
+            if m.ffn_hidden_size % p.tp:
+                raise ValueError(f"parallel.tp ({p.tp}) must divide model.ffn_hidden_size ({m.ffn_hidden_size})")
+            layers_per = p.pp * (p.vpp or 1)
+            if m.num_layers % layers_per:
+                raise ValueError(
+                    f"parallel.pp*vpp ({layers_per}) must divide model.num_layers ({m.num_layers})"
+                )
+            if self.data.seq_length > m.max_position_embeddings:
+                raise ValueError(
+                    f"data.seq_length ({self.data.seq_length}) exceeds the model's maximum "
+                    f"model.max_position_embeddings ({m.max_position_embeddings})"
+                )
         t = self.train
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(

@@ -11,8 +11,10 @@ has its own parallel layout; the tokenizer, preprocess and eval stages run in th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +33,13 @@ from megaflow.runtime.launch import die_with_parent
 
 class GateFailed(RunFailed):
     """A stage finished but its metrics do not pass its gate."""
+
+
+class Stopped(RunFailed):
+    """A stage saved a checkpoint and stopped before its end (SIGUSR1/SIGTERM, train.max_minutes): exit 75
+    (EX_TEMPFAIL), so a SLURM script requeues the job and `megaflow run` resumes the stage."""
+
+    exit_code = 75
 
 
 class StageFailed(RunFailed):
@@ -103,6 +112,9 @@ def format_plan(pipeline: Pipeline, decisions: dict[str, Decision]) -> str:
         after = f"  after {', '.join(p.deps)}" if p.deps else ""
         procs = f"  x{p.nproc}" if p.nproc > 1 else ""
         lines.append(f"  {name:<{width}}  {d.action:<6}  {d.reason}{procs}{after}")
+    if pipeline.missing:
+        lines.append("missing inputs (a run stops on the first):")
+        lines += [f"  {m}" for m in pipeline.missing]
     return "\n".join(lines)
 
 
@@ -111,7 +123,33 @@ def _train_command(p: PlannedStage, config_file: Path) -> list[str]:
     return cmd + (["--nproc-per-node", str(p.nproc)] if p.nproc > 1 else [])
 
 
-def run_stage(pipeline: Pipeline, p: PlannedStage) -> tuple[int, dict | None]:
+class _Signals:
+    """SIGUSR1/SIGTERM while the pipeline runs: passed on to the running stage as SIGUSR1 (a training stage
+    saves a checkpoint at its next step and exits; the `--nproc-per-node` launcher passes it to its ranks),
+    and no later stage starts."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.child: subprocess.Popen | None = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+        print(f"megaflow: {signal.Signals(signum).name} received: the running stage saves a checkpoint and stops",
+              file=sys.stderr, flush=True)
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGUSR1)
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_stage(pipeline: Pipeline, p: PlannedStage, signals: _Signals) -> tuple[int, dict | None]:
     """Run one stage to its end: (exit status, 0 when the stage's command succeeded; its result)."""
     if p.name not in registry.TRAINING:
         try:
@@ -125,7 +163,11 @@ def run_stage(pipeline: Pipeline, p: PlannedStage) -> tuple[int, dict | None]:
     sys.stdout.flush()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # the stage's processes end with the runner: a second runner never finds one still writing there
-    rc = subprocess.call(_train_command(p, config_file), env=env, preexec_fn=die_with_parent)
+    signals.child = subprocess.Popen(_train_command(p, config_file), env=env, preexec_fn=die_with_parent)
+    try:
+        rc = signals.child.wait()
+    finally:
+        signals.child = None
     return rc, p.stage.result(p.cfg)
 
 
@@ -146,20 +188,23 @@ def execute(pipeline: Pipeline, only: str | None = None, start_from: str | None 
         return 0
     from megaflow.pipeline import report
 
-    with st.lock(pipeline.run_dir):
+    with st.lock(pipeline.run_dir), _Signals().installed() as signals:
         state = st.State(pipeline.run_dir)
         decisions = plan(pipeline, state, selected)
         print(format_plan(pipeline, decisions), flush=True)
         try:
             for name, d in decisions.items():
-                _one(pipeline, state, name, d)
+                if signals.received and d.action not in ("keep", "skip"):
+                    raise Stopped(f"{signals.received} received: stage {name} not started; "
+                                  "`megaflow run` again goes on from there")
+                _one(pipeline, state, name, d, signals)
         finally:
             written = report.write_report(pipeline, state)
             print(f"report -> {written}", flush=True)
     return 0
 
 
-def _one(pipeline: Pipeline, state: st.State, name: str, d: Decision) -> None:
+def _one(pipeline: Pipeline, state: st.State, name: str, d: Decision, signals: _Signals) -> None:
     p = pipeline.stages[name]
     if d.action in ("keep", "skip"):
         if d.action == "skip":
@@ -174,8 +219,11 @@ def _one(pipeline: Pipeline, state: st.State, name: str, d: Decision) -> None:
                  stage_dir=str(p.stage.stage_dir(p.cfg)), output=str(p.stage.output(p.cfg)))
     print(f"\n== {name} ({d.action}: {d.reason})", flush=True)
     t0 = time.time()
-    rc, result = run_stage(pipeline, p)
+    rc, result = run_stage(pipeline, p, signals)
     seconds = time.time() - t0 + (record.get("seconds", 0.0) if d.action == "resume" else 0.0)
+    if rc != 0 and signals.received and rc != 2:  # ended by the signal before it could save
+        state.update(name, status="stopped", exit_code=rc, finished=_now(), seconds=seconds)
+        raise Stopped(f"stage {name} ended on {signals.received} (exit {rc}); `megaflow run` again resumes it")
     if rc != 0:
         state.update(name, status="failed", exit_code=rc, finished=_now(), seconds=seconds)
         raise StageFailed(f"stage {name} failed (exit {rc}); `megaflow run` again resumes it" if rc != 2 else
@@ -183,7 +231,8 @@ def _one(pipeline: Pipeline, state: st.State, name: str, d: Decision) -> None:
     if result is None or result.get("status", "done") != "done" or not p.stage.is_complete(p.cfg):
         status = (result or {}).get("status", "unfinished")
         state.update(name, status="stopped", finished=_now(), seconds=seconds)
-        raise RunFailed(f"stage {name} stopped ({status}) before its end; `megaflow run` again resumes it")
+        why = f" on {signals.received}" if signals.received else ""
+        raise Stopped(f"stage {name} stopped{why} ({status}) before its end; `megaflow run` again resumes it")
     metrics = flat_metrics(result)
     state.update(name, status="done", finished=_now(), seconds=seconds, metrics=metrics,
                  output_hash=st.path_hash(p.stage.output(p.cfg)), exit_code=0)

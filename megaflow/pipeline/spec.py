@@ -1,6 +1,7 @@
 """A pipeline file: stages with their configs, wired by references, read and checked before anything runs.
 
-    run: {name: tiny, dir: runs/tiny}          # every stage writes run.dir/STAGE
+    run: {name: tiny, dir: runs/tiny}          # every stage writes run.dir/STAGE; run.wandb: {project: p}
+                                               # logs every stage to W&B, grouped by run.name
     report: {price_per_hour: 2.0}              # optional: the report's cost column (per device-hour)
     stages:
       pretrain:
@@ -28,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
 from megaflow.algorithms import registry
-from megaflow.algorithms.base import Stage, check_inputs_exist
+from megaflow.algorithms.base import Stage, missing_inputs
 from megaflow.config import loader
 from megaflow.config.schema import RunConfig
 from megaflow.errors import UserError
@@ -56,6 +57,7 @@ class Pipeline:
     run: RunConfig
     stages: dict[str, PlannedStage]  # in the order they run
     price_per_hour: float | None = None
+    missing: list[str] = field(default_factory=list)  # inputs not there (listed by --dry-run; a run refuses them)
 
     @property
     def run_dir(self) -> Path:
@@ -67,6 +69,15 @@ class Pipeline:
             frontier = {s for s, p in self.stages.items() if set(p.deps) & frontier} - out
             out |= frontier
         return out
+
+
+def is_pipeline_file(path: str | Path) -> bool:
+    """A YAML file with a top-level `stages:` mapping (a stage config has none)."""
+    try:
+        tree = loader.load_yaml_tree(path)
+    except (UserError, OSError):
+        return False
+    return OmegaConf.is_dict(tree.get("stages"))
 
 
 def _fail(where: str, message: str) -> UserError:
@@ -136,8 +147,38 @@ def _validate(stage: Stage, raw: dict, name: str) -> BaseModel:
         raise _fail(f"stages.{name}", loader.format_validation_error(e)) from None
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = (), nproc_per_node: int = 1) -> Pipeline:
-    """Read, resolve and check a pipeline file; every error is one line naming the stage and key."""
+def _model_from_init(cfg, name: str, found: dict[str, str], planned: dict[str, PlannedStage],
+                     missing_ok: bool) -> None:
+    """A stage without a model section trains its init_from's model: the upstream stage's, or the one on
+    disk. Assigning it checks the rules that need the model (tp divides the heads, the sequence fits)
+    now, not when the stage starts; the stage's own process reads it from the checkpoint again."""
+    from megaflow.training import init_from
+
+    upstream = found.get(cfg.init_from)
+    if upstream is not None:
+        model = planned[upstream].cfg.model if upstream in registry.TRAINING else None
+        if model is None or planned[upstream].cfg.model_from_init:
+            return
+    elif missing_ok and not Path(cfg.init_from.removeprefix(init_from.HF_PREFIX)).exists():
+        return
+    else:
+        try:
+            model = init_from.model_of(cfg.init_from)
+        except UserError as e:
+            raise _fail(f"stages.{name}", str(e)) from None
+        if model is None:
+            return
+    try:
+        cfg.model = model.model_copy()
+    except ValidationError as e:
+        raise _fail(f"stages.{name}", f"the model of init_from {cfg.init_from}: "
+                                      f"{loader.format_validation_error(e)}") from None
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = (), nproc_per_node: int = 1,
+                  missing_ok: bool = False) -> Pipeline:
+    """Read, resolve and check a pipeline file; every error is one line naming the stage and key. With
+    `missing_ok` (--dry-run) inputs that are not there are listed in `Pipeline.missing` instead."""
     path = Path(path)
     tree = loader.load_yaml_tree(path)
     raw = OmegaConf.to_container(tree, resolve=False)
@@ -182,7 +223,10 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), nproc_per_node: i
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(body))
             cfg = loader._apply_preset(cfg)
-            cfg.run = OmegaConf.merge(cfg.get("run") or {}, {"dir": str(run_dir), "name": run.name})
+            shared = {"dir": str(run_dir), "name": run.name}
+            if run.wandb is not None and "wandb" not in (cfg.get("run") or {}):  # every stage logs to the group
+                shared["wandb"] = run.wandb.model_dump(mode="json")
+            cfg.run = OmegaConf.merge(cfg.get("run") or {}, shared)
             cfg.stage = name
             resolved = OmegaConf.to_container(cfg, resolve=False)
         except (OmegaConfBaseException, ValueError) as e:
@@ -208,6 +252,8 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), nproc_per_node: i
         stage = registry.get(name)
         resolved, found = composed[name]
         cfg = _validate(stage, resolved, name)
+        if name in registry.TRAINING and cfg.model_from_init:
+            _model_from_init(cfg, name, found, planned, missing_ok)
         nproc = extras[name].get("nproc_per_node", nproc_per_node if name in registry.TRAINING else 1)
         if not isinstance(nproc, int) or nproc < 1:
             raise _fail(f"stages.{name}.nproc_per_node", f"expected a positive integer, got {nproc!r}")
@@ -220,22 +266,28 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), nproc_per_node: i
         planned[name] = PlannedStage(name, stage, cfg, deps[name], [parse_gate(g, f"stages.{name}.gate") for g in gates],
                                      nproc, found, resolved)
     pipeline = Pipeline(path, run, planned, report.get("price_per_hour"))
-    check(pipeline)
+    check(pipeline, missing_ok)
     return pipeline
 
 
-def check(pipeline: Pipeline) -> None:
-    """Each stage's own rules and inputs, except what an upstream stage will make."""
+def check(pipeline: Pipeline, missing_ok: bool = False) -> None:
+    """Each stage's own rules and inputs, except what an upstream stage will make. A missing input is an
+    error, or with `missing_ok` a line of `pipeline.missing`."""
     for name, p in pipeline.stages.items():
         pending = frozenset(p.references)
         try:
             p.stage.check(p.cfg)
+            missing = missing_inputs(p.stage, p.cfg, pending)
             if name in registry.TRAINING:
                 if p.nproc > 1:
                     p.cfg.check_layout(p.nproc)
-                if p.cfg.init_from and p.cfg.init_from not in pending:
+                absent = {path for _, path in missing} if missing_ok else set()
+                if p.cfg.init_from and p.cfg.init_from not in pending | absent:
                     p.stage.check_init(p.cfg)
-            check_inputs_exist(p.stage, p.cfg, pending)
+            if missing and not missing_ok:
+                key, path = missing[0]
+                raise UserError(f"{key}: file not found: {path}")
+            pipeline.missing += [f"stages.{name}.{key}: {path}" for key, path in missing]
         except UserError as e:
             raise _fail(f"stages.{name}", str(e)) from None
         except ValueError as e:

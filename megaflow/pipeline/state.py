@@ -23,8 +23,8 @@ from megaflow.errors import UserError
 VERSION = 1
 BIG_FILE = 256 << 20
 # keys that change how a stage reports or saves, never what it computes
-UNHASHED = {("run", "progress"), ("run", "log_every"), ("run", "tensorboard"), ("checkpoint", "every"),
-            ("checkpoint", "keep"), ("checkpoint", "async_save")}
+UNHASHED = {("run", "progress"), ("run", "log_every"), ("run", "tensorboard"), ("run", "wandb"),
+            ("checkpoint", "every"), ("checkpoint", "keep"), ("checkpoint", "async_save")}
 
 
 def config_of(cfg, nproc: int) -> dict:

@@ -5,8 +5,12 @@ code instead (2 for a user error, 3 for a run that stopped itself), and a crash 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
 
 
 def die_with_parent() -> None:
@@ -21,10 +25,35 @@ def die_with_parent() -> None:
         pass
 
 
+def _children(pid: int) -> list[int]:
+    """Pids of the processes whose parent is `pid` (Linux /proc; elsewhere none)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _pass_usr1_to_ranks() -> None:
+    """SIGUSR1 (SLURM's warning, or a pipeline runner's) asks each rank to save and stop. torchrun neither
+    handles it (it would end the launcher) nor passes it on, and its ranks run in sessions of their own."""
+    def forward(signum, frame):
+        for pid in _children(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGUSR1, forward)
+
+
 def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    _pass_usr1_to_ranks()
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # per-rank failure notices
     try:
         run(parse_args(argv))

@@ -27,7 +27,7 @@ from megaflow.errors import RunFailed
 from megaflow.models import gpt, size
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, faults
-from megaflow.training.metrics import MetricsWriter, peak_flops
+from megaflow.training.metrics import MetricsWriter, open_wandb, peak_flops
 from megaflow.training.optimizer import build_optimizer, build_scheduler
 
 
@@ -209,7 +209,9 @@ class Trainer:
         self.state = TrainState()
         self.ckpt_root = stage_dir / "checkpoints"
         self.is_writer = dist.is_rank0()
-        self.metrics = MetricsWriter(stage_dir if self.is_writer else None, cfg.run.tensorboard)
+        wandb_run = (open_wandb(cfg.run.wandb, cfg.run.name, cfg.stage, stage_dir, cfg.model_dump(mode="json"))
+                     if self.is_writer else None)
+        self.metrics = MetricsWriter(stage_dir if self.is_writer else None, cfg.run.tensorboard, wandb_run)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         rows = cfg.train.global_batch_size * task.rows_per_sample
         row_length = cfg.data.seq_length * task.row_length_factor

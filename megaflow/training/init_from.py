@@ -43,6 +43,14 @@ def check_spec(spec: str, model=None, key: str = "init_from", language_model: bo
     """Fail fast (before megatron is imported) on an init_from that cannot work: one line naming `key`. With
     the stage's `model`, also when its shape is not the checkpoint's; a stage that trains a language model
     (`language_model`) cannot start from a reward model, whose scalar head has no vocabulary."""
+    theirs = model_of(spec, key, language_model)
+    if model is not None and theirs is not None:
+        _check_same_model(spec, model, theirs)
+
+
+def model_of(spec: str, key: str = "init_from", language_model: bool = False):
+    """The ModelConfig of an initial checkpoint (a megaflow final checkpoint or hf:DIR), None for an older
+    or foreign megaflow.json; a checkpoint that cannot be a start is a UserError naming `key`."""
     from megaflow.config.schema import ModelConfig
     from megaflow.convert.hf_config import model_config_from_hf, read_hf_config
 
@@ -55,24 +63,23 @@ def check_spec(spec: str, model=None, key: str = "init_from", language_model: bo
             ShardedReader(path)
         except UserError as e:
             raise UserError(f"{key}: {e}") from None
-    else:
-        meta_file = Path(spec) / "megaflow.json"
-        if not meta_file.is_file():
-            raise UserError(f"{key}: not a megaflow checkpoint (no megaflow.json) nor hf:PATH: {spec}")
-        try:
-            manifest.require_intact(spec)
-        except UserError as e:
-            raise UserError(f"{key}: {e}") from None
-        try:
-            meta = json.loads(meta_file.read_text())
-            theirs = ModelConfig(**meta["model"])
-        except (KeyError, TypeError, ValueError):
-            return  # an older or foreign megaflow.json: the load itself will tell
-        if language_model and meta.get("head", "lm") != "lm":
-            raise UserError(f"{key}: {spec} is a reward model (a scalar head, no vocabulary); this stage trains a "
-                            "language model: start from a pretrained or SFT checkpoint")
-    if model is not None:
-        _check_same_model(spec, model, theirs)
+        return theirs
+    meta_file = Path(spec) / "megaflow.json"
+    if not meta_file.is_file():
+        raise UserError(f"{key}: not a megaflow checkpoint (no megaflow.json) nor hf:PATH: {spec}")
+    try:
+        manifest.require_intact(spec)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+    try:
+        meta = json.loads(meta_file.read_text())
+        theirs = ModelConfig(**meta["model"])
+    except (KeyError, TypeError, ValueError):
+        return None  # an older or foreign megaflow.json: the load itself will tell
+    if language_model and meta.get("head", "lm") != "lm":
+        raise UserError(f"{key}: {spec} is a reward model (a scalar head, no vocabulary); this stage trains a "
+                        "language model: start from a pretrained or SFT checkpoint")
+    return theirs
 
 
 def _check_same_model(spec: str, ours, theirs, log=None) -> None:

@@ -57,13 +57,35 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-class MetricsWriter:
-    """Appends metrics to `metrics.jsonl` and TensorBoard; a no-op on ranks other than 0."""
+def open_wandb(wandb_cfg, run_name: str, stage: str, stage_dir: Path, config: dict | None = None):
+    """The W&B run of one stage (`run.wandb`), or None when it is not set. Its id is kept in the stage
+    directory, so a resumed stage logs on into the same W&B run and a stage run again from scratch (its
+    directory cleared) starts a new one. W&B's files go under the stage directory."""
+    if wandb_cfg is None:
+        return None
+    import uuid
 
-    def __init__(self, stage_dir: Path | None, tensorboard: bool = True):
+    import wandb
+
+    id_file = stage_dir / "wandb-id"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if not id_file.is_file():
+        id_file.write_text(f"{stage}-{uuid.uuid4().hex[:12]}\n")
+    return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group or run_name,
+                      name=stage, job_type=stage, tags=wandb_cfg.tags, id=id_file.read_text().strip(),
+                      resume="allow", mode=wandb_cfg.mode, dir=str(stage_dir), config=config,
+                      settings=wandb.Settings(console="off", silent=True))
+
+
+class MetricsWriter:
+    """Appends metrics to `metrics.jsonl`, TensorBoard and W&B (a run from open_wandb); a no-op on ranks
+    other than 0."""
+
+    def __init__(self, stage_dir: Path | None, tensorboard: bool = True, wandb_run=None):
         self.enabled = stage_dir is not None
         self._jsonl = None
         self._tb = None
+        self._wandb = wandb_run
         if not self.enabled:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -81,10 +103,12 @@ class MetricsWriter:
             return
         record = {"step": step, **({"split": prefix} if prefix != "train" else {}), **metrics}
         self._jsonl.write(json.dumps(record) + "\n")
+        scalars = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop the records of steps after the checkpoint: they are about to be redone, and
@@ -104,3 +128,5 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

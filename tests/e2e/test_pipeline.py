@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,11 +92,37 @@ def _actions(stdout: str) -> dict[str, str]:
     return out
 
 
+def _wandb_history(stage_dir: Path) -> dict[int, dict]:
+    """{step: {key: value}} of the W&B run files under a stage directory (offline mode): the records of
+    W&B's log format (32 KiB blocks of chunks: crc32, length, kind; protobuf `Record`s)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    history: dict[int, dict] = {}
+    for path in sorted(stage_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        buf, pos, pending = path.read_bytes(), 7, b""  # after the 7-byte header ":W&B", magic, version
+        while pos + 7 <= len(buf):
+            if 32768 - pos % 32768 < 7:
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", buf[pos:pos + 7])
+            pending, pos = pending + buf[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a full record, or the last chunk of one
+                record = pb.Record()
+                record.ParseFromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "history":
+                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    history.setdefault(int(items.pop("_step")), {}).update(items)
+    return history
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("pipeline-a")
     path = micro_pipeline(root, corpus)
-    proc = run_megaflow("run", str(path), cwd=root)
+    proc = run_megaflow("run", str(path), "run.wandb.mode=offline", cwd=root)  # W&B too, offline
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return root, path
 
@@ -116,6 +143,16 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
     assert 0 <= low <= w <= high <= 1
     # the eval stage's perplexity of the pretrained model is its own final validation perplexity
     assert models["pretrain"]["ppl"] == pytest.approx(rec["pretrain"]["metrics"]["valid_ppl"], rel=1e-4)
+    # W&B (offline): every training stage's logged steps, as in its metrics.jsonl; eval's metrics per model
+    for stage in ("pretrain", "sft", "rm", "dpo"):
+        logged = _wandb_history(run_dir / stage)
+        for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            split = row.pop("split", "train")
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    assert logged[row["step"]][f"{split}/{k}"] == pytest.approx(v), (stage, row["step"], k)
+    assert _wandb_history(run_dir / "eval")[0]["dpo/exact_match"] == models["dpo"]["exact_match"]
     report = (run_dir / "report.md").read_text()
     assert "What each stage bought" in report and "| dpo |" in report and "passed" in report
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and (run_dir / "plots" / "eval.png").is_file()
@@ -123,8 +160,9 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
 
 @pytest.mark.slow
 def test_crashes_and_a_kill_9_resume_to_the_same_metrics(baseline, tmp_path, corpus):
-    """A crash in each training stage in turn (MEGAFLOW_FAULT), and one real kill -9 of the runner, each
-    followed by `megaflow run` again: the final metrics equal the uninterrupted run's."""
+    """A crash in each training stage in turn (MEGAFLOW_FAULT), one real kill -9 of the runner and one
+    SIGUSR1 (a checkpoint and exit 75), each followed by `megaflow run` again: the final metrics equal the
+    uninterrupted run's."""
     expected = _metrics(baseline[0] / "run")
     path = micro_pipeline(tmp_path, corpus)
     run_dir = tmp_path / "run"
@@ -146,16 +184,51 @@ def test_crashes_and_a_kill_9_resume_to_the_same_metrics(baseline, tmp_path, cor
             runner.wait()
             _wait_for_no_trainer(run_dir)
             assert _record(run_dir)["sft"]["status"] == "running"
+            # SIGUSR1 (SLURM's warning) once the resumed sft saved again: a checkpoint, exit 75, no next stage
+            saved = latest.read_text()
+            runner = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "TQDM_DISABLE": "1"},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            deadline = time.time() + 300
+            while latest.read_text() == saved and runner.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert runner.poll() is None, "the runner ended before sft saved again"
+            runner.send_signal(signal.SIGUSR1)
+            out, err = runner.communicate(timeout=300)
+            # (stopped at its next step; ended, if the signal came after its last step)
+            assert runner.returncode == 75 and re.search(r"stage sft (stopped|ended) on SIGUSR1", err), err[-2000:]
+            assert _record(run_dir)["sft"]["status"] == "stopped" and "== rm" not in out
     proc = run_megaflow("run", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     actions = _actions(proc.stdout)
     assert actions["dpo"] == "resume" and actions["sft"] == "skip", proc.stdout
     rec = _record(run_dir)
-    assert rec["pretrain"]["attempts"] == 2 and rec["sft"]["attempts"] == 2 and rec["dpo"]["attempts"] == 2
+    assert rec["pretrain"]["attempts"] == 2 and rec["sft"]["attempts"] == 3 and rec["dpo"]["attempts"] == 2
     got = _metrics(run_dir)
     for stage in expected:
         for k, v in expected[stage].items():
             assert got[stage][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (stage, k)
+
+
+@pytest.mark.slow
+def test_the_micro_pipeline_on_two_processes_with_a_tp2_stage(baseline, tmp_path, corpus):
+    """`--nproc-per-node 2`: pretrain, rm and dpo data-parallel on two ranks, sft with TP2 instead. Layouts
+    equal one process: the stages' losses and held-out metrics are the one-process run's."""
+    expected = _metrics(baseline[0] / "run")
+    path = micro_pipeline(tmp_path, corpus)
+    proc = run_megaflow("run", str(path), "--nproc-per-node", "2", "sft.parallel.tp=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for stage in ("pretrain", "sft", "rm", "dpo"):
+        assert re.search(rf"^  {stage} +run +new +x2", proc.stdout, re.M), proc.stdout
+    rec = _record(tmp_path / "run")
+    assert rec["sft"]["config"]["parallel"]["tp"] == 2 and rec["pretrain"]["config"]["nproc_per_node"] == 2
+    got = _metrics(tmp_path / "run")
+    compared = 0
+    for stage in ("pretrain", "sft", "rm", "dpo"):
+        for k, v in expected[stage].items():
+            if any(w in k for w in ("loss", "ppl", "accurac", "margin")) and isinstance(v, float):
+                assert got[stage][k] == pytest.approx(v, rel=2e-3, abs=1e-4), (stage, k)
+                compared += 1
+    assert compared >= 8
 
 
 def _wait_for_no_trainer(run_dir: Path, timeout: float = 30) -> None:
@@ -279,3 +352,43 @@ def test_a_pipeline_from_a_random_hf_llama_runs_sft_dpo_eval(tmp_path, corpus):
     assert set(models) == {"sft", "dpo"} and models["sft"]["kl_to_sft"] == 0.0
     sft_meta = json.loads((tmp_path / "run" / "sft" / "final" / "megaflow.json").read_text())
     assert sft_meta["model"]["hidden_size"] == 64 and "hf" in sft_meta["parents"][0]
+
+
+def test_the_llama_8b_pipeline_plans_on_a_cpu(tmp_path):
+    """configs/pipelines/llama3.1-8b-h100.yaml: --dry-run shows the plan and lists the inputs that are not
+    on this machine; `megaflow plan` plans every training stage on its 8 GPUs, the model of sft, rm and dpo
+    taken from the stage they start from."""
+    path = REPO / "configs" / "pipelines" / "llama3.1-8b-h100.yaml"
+    env = {"HF_MODEL": str(tmp_path / "no-model"), "DATA": str(tmp_path / "no-data")}
+    proc = run_megaflow("run", str(path), f"run.dir={tmp_path / 'run'}", "--dry-run", cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(_actions(proc.stdout).values()) == {"run"} and len(_actions(proc.stdout)) == 6, proc.stdout
+    assert "x8" in proc.stdout and "missing inputs" in proc.stdout
+    assert f"stages.pretrain.init_from: hf:{tmp_path / 'no-model'}" in proc.stdout
+    assert f"stages.sft.data.train[0].path: {tmp_path / 'no-data'}/sft.jsonl" in proc.stdout
+    assert not (tmp_path / "run").exists()
+    proc = run_megaflow("run", str(path), f"run.dir={tmp_path / 'run'}", cwd=REPO, env=env)
+    assert proc.returncode == 2 and "stages.preprocess: input[0]: file not found" in proc.stderr, proc.stderr
+
+    proc = run_megaflow("plan", str(path), "--json", cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plans = json.loads(proc.stdout)["stages"]
+    assert list(plans) == ["pretrain", "sft", "rm", "dpo"]
+    for name, plan in plans.items():
+        layout = plan["layout"]
+        assert (layout["gpus"], layout["tp"], layout["dp"]) == (8, 2, 4), name
+        assert plan["model"]["hidden_size"] == 4096 and plan["memory_gib"]["fits"], name
+    assert plans["pretrain"]["layout"]["seq_length"] == 8192 and plans["sft"]["layout"]["seq_length"] == 4096
+
+
+def test_a_stage_takes_its_model_from_the_stage_it_starts_from(tmp_path, corpus):
+    """sft has no model section: the rules that need the model (here the sequence length) are checked
+    against pretrain's model when the pipeline is read, not against a default."""
+    path = micro_pipeline(tmp_path, corpus)
+    ok = run_megaflow("run", str(path), "sft.data.seq_length=256", "--dry-run", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    proc = run_megaflow("run", str(path), "pretrain.model.max_position_embeddings=128",
+                        "sft.data.seq_length=256", cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "stages.sft: the model of init_from" in lines[0] and "max_position_embeddings (128)" in lines[0]

@@ -106,7 +106,7 @@ def test_sbatch_scripts_use_the_designed_stage_names():
     # The commands mf_train / mf_pipeline build are the designed ones.
     common = (SLURM / "common.sh").read_text()
     assert '-- train "$stage" --config "$config" "$@"' in common
-    assert '-- run "$pipeline" "$@"' in common
+    assert 'mf_srun run "$pipeline" "$@"' in common
 
 
 def test_every_sbatch_script_asks_for_requeue_and_a_warning_signal():
@@ -136,10 +136,11 @@ case $FAKE_MODE in
     finish) save 0000010; echo '{"status": "done"}' > "$stage_dir/eval.json" ;;
     stop)   save 0000007 ;;                           # what megaflow does on SIGTERM/SIGUSR1: save, exit 0
     fail)   exit 1 ;;
+    status) exit "$FAKE_STATUS" ;;                    # megaflow run: 0 done, 75 stopped to resume, 3 failed
     killed) kill -s TERM $$ ;;                        # a task killed by a signal: srun exits 128+15
     noop)   ;;                                        # exit 0, nothing written (like --dry-run)
     wait)   # run until a signal comes, record its name, then save and exit 0 like megaflow
-        for s in USR1 TERM; do trap "echo got-$s >> '$FAKE_LOG'; save 0000005; exit 0" "$s"; done
+        for s in USR1 TERM; do trap "echo got-$s >> '$FAKE_LOG'; save 0000005; exit ${FAKE_STOP_STATUS:-0}" "$s"; done
         touch "$FAKE_RUN.ready"
         for _ in $(seq 200); do sleep 0.05; done; exit 3 ;;   # no signal within 10 s
 esac
@@ -332,25 +333,37 @@ def test_alignment_scripts(slurm, script, stage):
 
 
 def test_pipeline_script(slurm, tmp_path):
+    """One task runs `megaflow run` (it launches each stage's ranks): exit 0 is finished, 75 (a stage saved
+    and stopped) requeues, anything else fails the job."""
     pipeline = tmp_path / "chat.yaml"
     pipeline.write_text("run: {dir: runs/chat}\n")
-    rc, out = slurm("pipeline.sbatch", "finish")
+    one = {"SLURM_NTASKS": 1, "SLURM_NTASKS_PER_NODE": 1}
+    rc, out = slurm("pipeline.sbatch", "finish", **one)
     assert rc != 0 and "usage" in out, out
-    rc, out = slurm("pipeline.sbatch", "finish", str(pipeline))
-    assert rc == 2 and "FINAL_STAGE" in out, out
-    if "run" not in cli.COMMANDS:   # today: run.dir cannot be resolved, megaflow's error, nothing launched
-        rc, out = slurm("pipeline.sbatch", "finish", str(pipeline), FINAL_STAGE="dpo")
-        assert rc == 2 and "invalid choice: 'run'" in out, out
-        assert slurm.trainings() == []
-    # RUN_DIR given: no dry run needed. Finished when the last stage's eval.json appears ...
-    rc, out = slurm("pipeline.sbatch", "finish", str(pipeline), "train.steps=9", FINAL_STAGE="dpo",
-                    FAKE_STAGE="dpo", RUN_DIR=slurm.run)
-    assert rc == 0 and "finished" in out, out
-    assert slurm.trainings()[-1].endswith(f"-m megaflow run {pipeline} train.steps=9")
+    rc, out = slurm("pipeline.sbatch", "finish", str(pipeline))  # the fixture's 16 tasks
+    assert rc == 2 and "--ntasks-per-node=1" in out and slurm.trainings() == [], out
+    rc, out = slurm("pipeline.sbatch", "finish", str(pipeline), SLURM_NNODES=2, **one)
+    assert rc == 2 and "one node" in out and slurm.trainings() == [], out
+    rc, out = slurm("pipeline.sbatch", "status", str(pipeline), "sft.train.steps=9", FAKE_STATUS=0, **one)
+    assert rc == 0 and "pipeline finished" in out, out
+    assert slurm.trainings()[-1].endswith(f"-m megaflow run {pipeline} sft.train.steps=9")
     assert slurm.requeues() == []
-    # ... and requeued when an earlier stage stopped with a checkpoint.
-    rc, out = slurm("pipeline.sbatch", "stop", str(pipeline), FINAL_STAGE="dpo", FAKE_STAGE="sft", RUN_DIR=slurm.run)
-    assert rc == 0 and "stopped" in out, out
+    rc, out = slurm("pipeline.sbatch", "status", str(pipeline), FAKE_STATUS=3, **one)
+    assert rc == 3 and "not requeued" in out and slurm.requeues() == [], out
+    rc, out = slurm("pipeline.sbatch", "status", str(pipeline), FAKE_STATUS=75, **one)
+    assert rc == 0 and slurm.requeues() == ["scontrol requeue Incomplete 4242"], out
+
+
+def test_pipeline_script_passes_the_warning_on_and_requeues(slurm, tmp_path):
+    pipeline = tmp_path / "chat.yaml"
+    pipeline.write_text("run: {dir: runs/chat}\n")
+    proc = slurm.start("pipeline.sbatch", "wait", str(pipeline), FAKE_STOP_STATUS=75, SLURM_NTASKS=1,
+                       SLURM_NTASKS_PER_NODE=1)
+    _wait_ready(slurm, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out + err
+    assert "got-USR1" in slurm.calls(), slurm.calls()
     assert slurm.requeues() == ["scontrol requeue Incomplete 4242"]
 
 
