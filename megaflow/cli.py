@@ -235,6 +235,8 @@ def _cmd_train(args) -> int:
     from megaflow.config import load_config
 
     cfg = load_config(args.config, args.overrides, defaults={"stage": args.stage})
+    if cfg.run.wandb is None:
+        _keep_wandb_out()
     if args.dry_run:
         from megaflow.config import dump_config
 
@@ -274,6 +276,8 @@ def _cmd_run(args) -> int:
 
     pipeline = load_pipeline(args.pipeline, args.overrides, nproc_per_node=args.nproc_per_node or 1,
                              missing_ok=args.dry_run)
+    if all(p.cfg.run.wandb is None for p in pipeline.stages.values()):
+        _keep_wandb_out()
     return execute(pipeline, only=args.only, start_from=args.start_from, dry_run=args.dry_run)
 
 
@@ -553,6 +557,13 @@ def _quiet_known_warnings() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _keep_wandb_out() -> None:
+    """megatron-core imports wandb at import time wherever it is installed (megatron/core/timers.py), 0.6 s
+    of every process's start; megaflow uses it only for `run.wandb`. A command that will not log to W&B
+    makes `import wandb` fail fast instead (megatron then does without it)."""
+    sys.modules.setdefault("wandb", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_known_warnings()
     parser = build_parser()
@@ -566,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         from megaflow.models.manifest import NO_CHECKSUMS
 
         os.environ[NO_CHECKSUMS] = "1"
+    if args.command not in ("train", "run"):  # these two decide once their config is read
+        _keep_wandb_out()
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

@@ -94,7 +94,8 @@ def _megaflow_setup(spec: dict, seq: int, batch: int, run_dir: Path):
 def work_init(spec: dict) -> dict:
     """The tokenizer (with the marked template) and megaflow's randomly initialised model, as a final checkpoint."""
     from megaflow.data.tokenizer import train_tokenizer
-    from megaflow.training import checkpoint, stage
+    from megaflow.models import weights
+    from megaflow.training import stage
     from megaflow.training.engine import build_model
 
     out = Path(spec["dir"])
@@ -102,7 +103,7 @@ def work_init(spec: dict) -> dict:
     cfg = _megaflow_setup(spec, spec["seq"], 1, out / "run")
     assert tok.vocab_size == VOCAB == cfg.model.vocab_size, tok.vocab_size
     model, _ = build_model(cfg, VOCAB)
-    checkpoint.save_final(out / "megaflow", model, stage.final_meta(cfg, VOCAB, 0, 0, []), tok)
+    weights.save_final(out / "megaflow", model, stage.final_meta(cfg, VOCAB, 0, 0, []), tok)
     return {"ckpt": str(out / "megaflow")}
 
 

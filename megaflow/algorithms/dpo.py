@@ -3,7 +3,7 @@
 What is specific to DPO: the policy's summed response log-probs of chosen and rejected responses (one
 forward per micro-batch: [2m, seq] rows, chosen first, or with `data.preference.packing` rows of several
 pairs sharing their prompts, megaflow/data/pair_packing.py), the reference's (cached on disk before training,
-or a live frozen model when `dpo.reference: live`), and the loss of megaflow.training.losses.dpo_loss /
+or a live frozen model when `dpo.reference: live`), and the loss of megaflow.algorithms.losses.dpo_loss /
 rpo_loss. Every metric is TRL's: implicit rewards beta * log(pi / pi_ref) of chosen and rejected, their
 margin and accuracy, the policy's log-probs, and kl/chosen, the mean per-token log-ratio of policy to
 reference on the chosen responses (an estimate of how far the policy moved, not a KL of its samples).
@@ -24,7 +24,7 @@ from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.training import init_from, stage
 from megaflow.training.engine import Task, Trainer
-from megaflow.training.losses import dpo_loss, nll_loss, rpo_loss
+from megaflow.algorithms.losses import dpo_loss, nll_loss, rpo_loss
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")

@@ -152,7 +152,7 @@ def _judge(cfg: EvalStageConfig, answers: dict[str, tuple[list, list[str]]]) -> 
     and (with preference pairs) the reward model's own held-out accuracy."""
     from megaflow.data.preference import encode_response
     from megaflow.eval.compare import win_rate
-    from megaflow.eval.reward import _options, _template, evaluate_reward_accuracy
+    from megaflow.eval.reward import evaluate_reward_accuracy, reward_template
     from megaflow.inference import load_for_inference
     from megaflow.inference.reward import rewards
 
@@ -160,7 +160,7 @@ def _judge(cfg: EvalStageConfig, answers: dict[str, tuple[list, list[str]]]) -> 
     if cfg.preferences:
         out |= evaluate_reward_accuracy(cfg.reward_model, cfg.preferences, batch_size=cfg.batch_size, limit=cfg.limit)
     rm = load_for_inference(cfg.reward_model)
-    template = _template(rm, _options(cfg.reward_model, rm.max_sequence_length))
+    template = reward_template(cfg.reward_model, rm)
     scored = {label: rewards(rm, [encode_response(template, m, a)[0] for m, a in zip(messages, predictions)],
                              cfg.batch_size)
               for label, (messages, predictions) in answers.items()}

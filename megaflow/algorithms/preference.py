@@ -161,7 +161,7 @@ def pair_logps(batch: dict[str, torch.Tensor], token_logps: torch.Tensor) -> Pai
     unpacked ([2m, s] rows, chosen first) or packed (scatter-add by `seq_index`)."""
     from megaflow.data.pair_packing import sequence_sums
     from megaflow.data.preference import split_chosen_rejected
-    from megaflow.training.losses import sequence_logps
+    from megaflow.algorithms.losses import sequence_logps
 
     mask = batch["loss_mask"].float()
     if "seq_index" not in batch:

@@ -24,7 +24,7 @@ from megaflow.data.preference import PreferenceDataset, PreferenceSample
 from megaflow.models import gpt
 from megaflow.runtime import distributed as dist
 from megaflow.algorithms import preference
-from megaflow.training import checkpoint
+from megaflow.models import weights
 from megaflow.training.engine import Task, data_parallel_rank_and_size, forward_backward
 
 
@@ -35,7 +35,7 @@ class ReferenceModel:
         tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.fp8_recipe)
         tcfg.calculate_per_token_loss = True
         self.chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size)
-        checkpoint.load_weights(ckpt, self.chunks)
+        weights.load_weights(ckpt, self.chunks)
         for chunk in self.chunks:
             chunk.eval()
             chunk.requires_grad_(False)
@@ -74,7 +74,7 @@ def cache_key(ckpt: str | Path, samples: list[PreferenceSample], seq_length: int
     sequence length and the precision."""
     ckpt = Path(ckpt)
     h = hashlib.sha256()
-    identity = ckpt / "manifest.json" if (ckpt / "manifest.json").is_file() else ckpt / checkpoint.META_FILE
+    identity = ckpt / "manifest.json" if (ckpt / "manifest.json").is_file() else ckpt / weights.META_FILE
     h.update(identity.read_bytes())
     h.update(f"{seq_length}:{precision}:{len(samples)}".encode())
     for s in samples:

@@ -6,7 +6,7 @@ the reward read at the last token of each sequence, and the loss
 
     l = -log sigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)^2
 
-(megaflow.training.losses.bradley_terry_loss). The final checkpoint records `"head": "scalar"`, so
+(megaflow.algorithms.losses.bradley_terry_loss). The final checkpoint records `"head": "scalar"`, so
 `megaflow eval --metrics reward_acc`, `megaflow score` and the PPO / GRPO stages load it as a reward model.
 """
 
@@ -25,7 +25,8 @@ from megaflow.data.preference import PreferenceDataset, split_chosen_rejected
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.training.engine import Task, Trainer
-from megaflow.training.losses import bradley_terry_loss, reward_metrics
+from megaflow.algorithms.losses import bradley_terry_loss
+from megaflow.eval.compare import reward_metrics
 
 METRICS = ("accuracy", "margin", "reward/chosen_mean", "reward/rejected_mean")
 

@@ -19,8 +19,9 @@ from megaflow.config import StageConfig
 from megaflow.config.loader import format_validation_error
 from megaflow.config.schema import ModelConfig
 from megaflow.errors import UserError
+from megaflow.models import weights
 from megaflow.runtime import distributed as dist
-from megaflow.training import checkpoint, init_from, stage
+from megaflow.training import init_from, stage
 
 
 class TrainingStage(Stage):
@@ -89,7 +90,7 @@ def run_training(st: TrainingStage, cfg: StageConfig) -> dict:
     init_dir = init_from.resolve_init_from(cfg.init_from, log=dist.print_rank0) if cfg.init_from else None
     if init_dir is not None and cfg.model_from_init:
         try:  # the initial model, as it is; the assignment checks the rules that need the model
-            cfg.model = ModelConfig(**checkpoint.read_meta(init_dir)["model"])
+            cfg.model = ModelConfig(**weights.read_meta(init_dir)["model"])
         except ValidationError as e:
             raise UserError(f"the model of init_from {cfg.init_from}: {format_validation_error(e)}") from None
     stage.setup_runtime(cfg)

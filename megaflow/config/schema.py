@@ -279,7 +279,7 @@ class RMConfig(Section):
 
 
 class DPOConfig(Section):
-    """The DPO family (megaflow/training/losses.py: dpo_loss, rpo_loss)."""
+    """The DPO family (megaflow/algorithms/losses.py: dpo_loss, rpo_loss)."""
 
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     beta: float = Field(0.1, gt=0)

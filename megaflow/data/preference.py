@@ -414,7 +414,7 @@ def collate_pairs(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
 
 def split_chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) halves along dim 0 of a per-row tensor of a [2m, ...] batch (e.g. per-sequence
-    log-prob sums from megaflow.training.losses.sequence_logps, or rewards)."""
+    log-prob sums from megaflow.algorithms.losses.sequence_logps, or rewards)."""
     if x.shape[0] % 2:
         raise ValueError(f"expected an even number of rows (chosen then rejected), got {x.shape[0]}")
     m = x.shape[0] // 2

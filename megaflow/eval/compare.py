@@ -1,10 +1,34 @@
-"""Comparing two models' answers to the same prompts: win rate judged by a reward model, and the KL of
-a policy to its reference. Pure functions; megaflow/algorithms/evaluate.py gathers their inputs."""
+"""Comparing answers: a reward model's accuracy on preference pairs, the win rate of one model's answers
+over another's judged by a reward model, and the KL of a policy to its reference. Pure functions;
+megaflow/algorithms/evaluate.py and the rm stage gather their inputs."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import torch
+
+
+def reward_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Evaluation of a reward model on [b] rewards of chosen and rejected responses (0-d, detached):
+
+        accuracy = mean 1[r_c > r_r]   (a tie counts as wrong, as in TRL)
+        margin   = mean (r_c - r_r)
+        reward/{chosen,rejected}_mean, reward/{mean,std,min,max} over all 2b rewards (the distribution)
+    """
+    r_c, r_r = r_chosen.detach().float(), r_rejected.detach().float()
+    every = torch.cat([r_c, r_r])
+    return {
+        "accuracy": (r_c > r_r).float().mean(),
+        "margin": (r_c - r_r).mean(),
+        "reward/chosen_mean": r_c.mean(),
+        "reward/rejected_mean": r_r.mean(),
+        "reward/mean": every.mean(),
+        "reward/std": every.std(correction=0),
+        "reward/min": every.min(),
+        "reward/max": every.max(),
+    }
 
 
 def win_rate(rewards: Sequence[float], reference_rewards: Sequence[float], z: float = 1.96) -> dict:

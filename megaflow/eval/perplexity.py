@@ -19,7 +19,8 @@ from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.models import manifest
-from megaflow.training import checkpoint, stage
+from megaflow.models import weights
+from megaflow.training import stage
 from megaflow.training.engine import build_model, data_parallel_rank_and_size, evaluate
 from megaflow.training.lm import LanguageModelTask
 
@@ -59,9 +60,9 @@ def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | No
                         max_batches: int | None = None, quiet: bool = False, split_of: str | None = None) -> dict:
     """Loss and perplexity of the weights in `ckpt` (a final/ directory) on `data` or on a pretraining
     checkpoint's validation split: its own, or `split_of`'s (every stage of a pipeline on the same text)."""
-    meta = checkpoint.read_meta(ckpt)
+    meta = weights.read_meta(ckpt)
     manifest.require_intact(ckpt)  # before any data is built
-    split_meta = meta if split_of is None else checkpoint.read_meta(split_of)
+    split_meta = meta if split_of is None else weights.read_meta(split_of)
     cfg = _stage_config(meta | {"config": split_meta.get("config")}, seq_length, batch_size)
     cfg.model = _stage_config(meta, seq_length, batch_size).model
     tokenizer = Tokenizer.load(str(Path(ckpt) / meta.get("tokenizer", "tokenizer")))
@@ -107,7 +108,7 @@ def evaluate_checkpoint(ckpt: str, data: str | None = None, seq_length: int | No
         raise UserError(f"--data: {source} holds fewer than {per_batch} windows of {cfg.data.seq_length} tokens")
 
     model, _ = build_model(cfg, meta["padded_vocab_size"])
-    checkpoint.load_weights(ckpt, model)
+    weights.load_weights(ckpt, model)
     from megaflow.data.sampler import MicroBatches, stack_lm
 
     iterators = [MicroBatches(dataset, batch_size, dp_rank, dp_size, collate=stack_lm) for _ in model]

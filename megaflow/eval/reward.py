@@ -33,12 +33,18 @@ def _template(model, opts):
     return ChatTemplate(tokenizer, source)
 
 
+def reward_template(ckpt: str, model):
+    """The chat template a reward model was trained with (its checkpoint's `data.preference`): the one
+    its responses must be scored in."""
+    return _template(model, _options(ckpt, model.max_sequence_length))
+
+
 def evaluate_reward_accuracy(ckpt: str, data: str, batch_size: int = 16, limit: int | None = None) -> dict:
     """`megaflow eval RM_CKPT --metrics reward_acc --data PAIRS`: accuracy, mean margin, reward distribution."""
     from megaflow.data.preference import load_pairs, tokenize_pairs
     from megaflow.inference import load_for_inference
     from megaflow.inference.reward import rewards
-    from megaflow.training.losses import reward_metrics
+    from megaflow.eval.compare import reward_metrics
 
     if not Path(data).exists():
         raise UserError(f"--data: file not found: {data}")
@@ -62,6 +68,6 @@ def score_responses(ckpt: str, prompt: str, responses: list[str], system: str | 
     if not responses:
         raise UserError("--response: give at least one response to score")
     model = load_for_inference(ckpt)
-    template = _template(model, _options(ckpt, model.max_sequence_length))
+    template = reward_template(ckpt, model)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return rewards(model, [encode_response(template, messages, r)[0] for r in responses])

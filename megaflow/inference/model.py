@@ -202,10 +202,10 @@ def load_for_inference(ckpt: str | Path, tp: int = 1, pp: int = 1, precision: st
     on its own prompts. `precision` defaults to the checkpoint's (fp8 runs as bf16)."""
     from megaflow.config.loader import validate
     from megaflow.models import manifest
-    from megaflow.training import checkpoint
+    from megaflow.models import weights
 
     path = Path(ckpt)
-    meta = checkpoint.read_meta(path)
+    meta = weights.read_meta(path)
     manifest.require_intact(path)  # before megatron is set up: one line naming a damaged file
     if "model" not in meta or "padded_vocab_size" not in meta:
         raise UserError(f"{path}: megaflow.json lacks the model config (not a final checkpoint?)")
@@ -225,7 +225,7 @@ def load_for_inference(ckpt: str | Path, tp: int = 1, pp: int = 1, precision: st
     _ensure_runtime(tp, pp, seed)
     tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision)
     chunks = gpt.build_gpt_chunks(cfg.model, tcfg, padded, head=meta.get("head", "lm"))
-    checkpoint.load_weights(path, chunks)
+    weights.load_weights(path, chunks)
     for chunk in chunks:
         chunk.eval()
     true_vocab = tokenizer.vocab_size if tokenizer is not None else int(meta["model"].get("vocab_size", padded))

@@ -148,7 +148,7 @@ class ScalarHead(torch.nn.Module):
     backward only splits the gradient again (`tensor_parallel_output_grad=False`): every rank already
     holds the full one. Its key is `output_layer.weight` ([1, h]), where megatron's checkpoint code
     expects an output layer; loading a language model's weights into a reward model leaves it out
-    (megaflow.training.checkpoint.load_weights)."""
+    (megaflow.models.weights.load_weights)."""
 
     def __init__(self, tcfg):
         super().__init__()

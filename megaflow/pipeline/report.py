@@ -45,7 +45,7 @@ def _fmt(v) -> str:
 
 def _compute(p, rec: dict, lines: list[dict], price: float | None) -> dict:
     """Tokens, throughput and training FLOPs (Megatron's formula, as `megaflow plan` and the engine's MFU)."""
-    from megaflow.models.size import flops_per_step
+    from megaflow.models.size import flops_per_step, padded_vocab_size
 
     train = [ln for ln in lines if "split" not in ln and "loss" in ln]
     out = {"minutes": rec.get("seconds", 0.0) / 60}
@@ -57,7 +57,7 @@ def _compute(p, rec: dict, lines: list[dict], price: float | None) -> dict:
     cfg = p.cfg
     if "tokens_seen" in train[-1]:
         out["tokens"] = train[-1]["tokens_seen"]
-    vocab = cfg.model.vocab_size
+    vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
     per_step = flops_per_step(cfg.model, vocab, cfg.train.global_batch_size, cfg.data.seq_length)
     out["PFLOP"] = per_step * train[-1]["step"] / 1e15
     hours = rec.get("seconds", 0.0) * p.nproc / 3600

@@ -23,9 +23,7 @@ import torch
 
 from megaflow.errors import UserError
 from megaflow.models import manifest, safe_pickle
-from megaflow.models.weights import (  # noqa: F401 - the weights-only format, part of this module's API
-    EXTRA_STATE, FORMAT, META_FILE, OUTPUT_LAYER, _barrier, _load_model_state, _rank, load_weights,
-    model_sharded_state_dict, prepare_saves, read_meta, save_final)
+from megaflow.models.weights import FORMAT, META_FILE, _barrier, _load_model_state, _rank, model_sharded_state_dict
 
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from megaflow.config.schema import StageConfig
 from megaflow.errors import RunFailed
-from megaflow.models import gpt, size
+from megaflow.models import gpt, size, weights
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, faults
 from megaflow.training.metrics import MetricsWriter, open_wandb, peak_flops
@@ -224,7 +224,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.optimizer_format = checkpoint.optimizer_format(cfg.checkpoint.optimizer_format)
         if cfg.checkpoint.every:
-            checkpoint.prepare_saves()  # now, rather than as a stall of the first save
+            weights.prepare_saves()  # now, rather than as a stall of the first save
         self.async_saves = None
         if cfg.checkpoint.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -307,8 +307,8 @@ class Trainer:
         copies of the parameters follow. A scalar-head model starting from a language model keeps its
         own freshly initialised head."""
         head = self.task.head
-        other_head = checkpoint.read_meta(ckpt).get("head", "lm") != head
-        checkpoint.load_weights(ckpt, self.model, skip_output_layer=other_head)
+        other_head = weights.read_meta(ckpt).get("head", "lm") != head
+        weights.load_weights(ckpt, self.model, skip_output_layer=other_head)
         self.optimizer.reload_model_params()
         dist.print_rank0(f"initialised weights from {ckpt}")
 

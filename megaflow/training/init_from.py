@@ -205,7 +205,7 @@ def adopt(cfg, init_dir: Path, tokenizer_vocab: int, log=print) -> int:
     the checkpoint's vocabulary (an HF embedding may have more rows than its tokenizer has tokens).
     Returns the padded vocabulary size to build the model with."""
     from megaflow.config.schema import ModelConfig
-    from megaflow.training.checkpoint import read_meta
+    from megaflow.models.weights import read_meta
 
     meta = read_meta(init_dir)
     theirs = ModelConfig(**meta["model"])

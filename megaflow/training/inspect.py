@@ -10,7 +10,8 @@ from pathlib import Path
 
 from megaflow.errors import UserError
 from megaflow.models import manifest
-from megaflow.training.checkpoint import META_FILE, read_latest, read_meta
+from megaflow.models.weights import META_FILE, read_meta
+from megaflow.training.checkpoint import read_latest
 
 
 def resolve(path: str | Path) -> Path:

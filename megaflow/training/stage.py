@@ -81,7 +81,8 @@ def check_resumable_model(cfg: StageConfig) -> None:
     before the stage directory is touched (megatron's load would fail on the first mismatched tensor)."""
     from megaflow.config.schema import ModelConfig
     from megaflow.convert.hf_config import model_differences
-    from megaflow.training.checkpoint import read_latest, read_meta
+    from megaflow.models.weights import read_meta
+    from megaflow.training.checkpoint import read_latest
 
     latest = read_latest(stage_dir(cfg) / "checkpoints") if cfg.checkpoint.resume else None
     if latest is None or not (latest / "megaflow.json").is_file():
@@ -126,11 +127,11 @@ def finish(trainer, meta: dict, tokenizer: Tokenizer | None, result: dict, t_sta
     it was saved at) and the tokenizer, eval.json with the stage's minutes, and the trainer closed."""
     import time
 
-    from megaflow.training import checkpoint
+    from megaflow.models import weights
 
     meta |= {"step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "parallel_at_save": trainer.layout}
     final = trainer.stage_dir / "final"
-    checkpoint.save_final(final, trainer.model, meta, tokenizer)
+    weights.save_final(final, trainer.model, meta, tokenizer)
     result["minutes"] = (time.time() - t_start) / 60
     trainer.write_json("eval.json", result)
     trainer.close()

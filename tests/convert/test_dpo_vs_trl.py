@@ -87,7 +87,8 @@ def make_models(out: Path) -> dict:
 
     from megaflow.convert import megaflow_to_hf
     from megaflow.data.tokenizer import Tokenizer
-    from megaflow.training import checkpoint, stage
+    from megaflow.models import weights
+    from megaflow.training import stage
     from megaflow.training.engine import build_model
 
     bench_sft = _bench_sft()
@@ -95,13 +96,13 @@ def make_models(out: Path) -> dict:
     initial = Path(bench_sft.work_init(spec)["ckpt"])  # out/megaflow: tokenizer + random init, a final checkpoint
     cfg = bench_sft._megaflow_setup(spec, SEQ, 1, out / "run")
     model, _ = build_model(cfg, bench_sft.VOCAB)
-    checkpoint.load_weights(initial, model)
+    weights.load_weights(initial, model)
     gen = torch.Generator().manual_seed(NOISE_SEED)
     with torch.no_grad():
         for chunk in model:
             for p in chunk.parameters():
                 p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * NOISE)
-    checkpoint.save_final(out / "perturbed", model, stage.final_meta(cfg, bench_sft.VOCAB, 0, 0, [str(initial)]),
+    weights.save_final(out / "perturbed", model, stage.final_meta(cfg, bench_sft.VOCAB, 0, 0, [str(initial)]),
                           Tokenizer.load(initial / "tokenizer"))
     result = {"initial": str(initial), "perturbed": str(out / "perturbed")}
     for name in ("initial", "perturbed"):

@@ -27,12 +27,12 @@ def fresh_logits(ckpt: Path, tokens: torch.Tensor, tp: int) -> torch.Tensor:
     from megaflow.config.schema import ModelConfig, ParallelConfig
     from megaflow.convert import mcore
     from megaflow.models import gpt
-    from megaflow.training import checkpoint
+    from megaflow.models import weights
 
-    meta = checkpoint.read_meta(ckpt)
+    meta = weights.read_meta(ckpt)
     model = ModelConfig(**meta["model"])
     chunk = gpt.build_gpt_chunks(model, gpt.transformer_config(model, ParallelConfig(tp=tp)), meta["padded_vocab_size"])[0]
-    checkpoint.load_weights(ckpt, [chunk])
+    weights.load_weights(ckpt, [chunk])
     return mcore.logits(chunk.eval(), tokens)
 
 
@@ -42,7 +42,7 @@ def one_process(out: Path, names: list[str]) -> dict:
     from megaflow.convert import mcore, verify
     from megaflow.convert.convert import hf_to_megaflow, megaflow_to_hf
     from megaflow.errors import UserError
-    from megaflow.training import checkpoint
+    from megaflow.models import weights
 
     results = {}
     for name in names:
@@ -52,9 +52,9 @@ def one_process(out: Path, names: list[str]) -> dict:
         tokens = torch.load(out / f"{name}.tokens.pt")
         torch.save(fresh_logits(out / f"{name}.mf", tokens, tp=1), out / f"{name}.mf-logits.pt")
         # the padded vocabulary rows of the converted model are zeros
-        meta = checkpoint.read_meta(out / f"{name}.mf")
+        meta = weights.read_meta(out / f"{name}.mf")
         chunk = mcore.build(ModelConfig(**meta["model"]), meta["padded_vocab_size"])
-        checkpoint.load_weights(out / f"{name}.mf", [chunk])
+        weights.load_weights(out / f"{name}.mf", [chunk])
         params = mcore.parameters(chunk)
         vocab = meta["model"]["vocab_size"]
         pad_zero = all(params[k][vocab:].abs().sum().item() == 0 for k in ("embedding.word_embeddings.weight",
@@ -67,7 +67,7 @@ def one_process(out: Path, names: list[str]) -> dict:
     native = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                          vocab_size=300, max_position_embeddings=64, init_method_std=0.1)
     mcore.setup_one_process()
-    checkpoint.save_final(out / "native.mf", [mcore.build(native, 384, initialize=True)],
+    weights.save_final(out / "native.mf", [mcore.build(native, 384, initialize=True)],
                           {"model": native.model_dump(mode="json"), "padded_vocab_size": 384, "tokenizer": "tokenizer",
                            "parents": []}, Tokenizer.load(out / "tokenizer-src"))
     results["native"] = megaflow_to_hf(out / "native.mf", out / "native.hf", verify=True, tolerance=1e-4,

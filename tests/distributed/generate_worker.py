@@ -34,16 +34,16 @@ def build(ckpt: str, tp: int, pp: int, sp: bool):
     from megaflow.config.schema import ModelConfig, ParallelConfig
     from megaflow.data.tokenizer import Tokenizer
     from megaflow.models import gpt
+    from megaflow.models import weights
     from megaflow.runtime import distributed as dist
-    from megaflow.training import checkpoint
 
-    meta = checkpoint.read_meta(ckpt)
+    meta = weights.read_meta(ckpt)
     model_cfg = ModelConfig.model_validate(meta["model"])
     parallel = ParallelConfig(tp=tp, pp=pp, sp=True)
     dist.setup(tp=tp, pp=pp)
     tcfg = gpt.transformer_config(model_cfg, parallel)
     chunks = gpt.build_gpt_chunks(model_cfg, tcfg, meta["padded_vocab_size"])
-    checkpoint.load_weights(ckpt, chunks)
+    weights.load_weights(ckpt, chunks)
     for chunk in chunks:
         chunk.train()  # as in the middle of training: inference must switch to eval and back
     model = InferenceModel.from_chunks(chunks, Tokenizer.load(Path(ckpt) / "tokenizer"))

@@ -96,8 +96,8 @@ def run_layout(name: str, parallel: dict, out: Path, reference: bool = False) ->
     from megatron.core import parallel_state
 
     from megaflow.data.sampler import MicroBatches, stack_lm
+    from megaflow.models import weights
     from megaflow.runtime import distributed as dist
-    from megaflow.training import checkpoint
     from megaflow.training.engine import Trainer, data_parallel_rank_and_size
     from megaflow.training.lm import LanguageModelTask
 
@@ -110,7 +110,7 @@ def run_layout(name: str, parallel: dict, out: Path, reference: bool = False) ->
     dist.setup(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed)
     trainer = Trainer(cfg, LanguageModelTask(), VOCAB, out / name)
     if reference:
-        checkpoint.save_final(out / "weights", trainer.model, {"model": cfg.model.model_dump(mode="json")})
+        weights.save_final(out / "weights", trainer.model, {"model": cfg.model.model_dump(mode="json")})
     else:
         trainer.init_weights_from(out / "weights")
     dp_rank, dp_size = data_parallel_rank_and_size()

@@ -49,7 +49,7 @@ def run(task_name: str, layout: str, parallel: dict, out: Path, reference: bool 
     from megaflow.runtime import distributed as dist
     from megaflow.algorithms import preference
     from megaflow.algorithms import reference as ref
-    from megaflow.training import checkpoint
+    from megaflow.models import weights
     from megaflow.training.engine import Trainer
 
     cfg = stage_config(parallel)
@@ -60,18 +60,18 @@ def run(task_name: str, layout: str, parallel: dict, out: Path, reference: bool 
         parallel_state.destroy_model_parallel()
     p = cfg.parallel
     dist.setup(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed)
-    weights = out / f"weights-{cfg.stage}"  # dpo-packed starts from dpo's
+    initial = out / f"weights-{cfg.stage}"  # dpo-packed starts from dpo's
     samples = make_pairs()
     result, ref_logps = {}, None
     task = DPOTask(beta=0.5, packed=packed) if cfg.stage == "dpo" else RewardTask(use_margin=True, center_coef=0.01)
     trainer = Trainer(cfg, task, VOCAB, out / f"{task_name}-{layout}")
     if reference and not packed:
         meta = {"model": cfg.model.model_dump(mode="json")} | ({"head": "scalar"} if task_name == "rm" else {})
-        checkpoint.save_final(weights, trainer.model, meta)
+        weights.save_final(initial, trainer.model, meta)
     else:
-        trainer.init_weights_from(weights)
+        trainer.init_weights_from(initial)
     if cfg.stage == "dpo":  # the reference pass in this layout, from the weights the one-process run saved
-        ref_logps = ref.compute_logps(cfg, ref.ReferenceModel(cfg, VOCAB, weights), ref.pair_dataset(cfg, samples, 0))
+        ref_logps = ref.compute_logps(cfg, ref.ReferenceModel(cfg, VOCAB, initial), ref.pair_dataset(cfg, samples, 0))
         result["ref_logps"] = ref_logps.tolist()
     dataset = ref.pair_dataset(cfg, samples, 0, ref_logps)
     iterators = preference.batch_iterators(cfg, len(trainer.model), dataset)

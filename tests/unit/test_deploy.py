@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from megaflow import cli
 from megaflow.algorithms import registry
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from megaflow.data.chat import ChatTemplate
 from megaflow.data.sampler import MicroBatches
 from megaflow.data.tokenizer import CHAT_TEMPLATE, Tokenizer, train_tokenizer
 from megaflow.errors import DataError, UserError
-from megaflow.training.losses import sequence_logps
+from megaflow.algorithms.losses import sequence_logps
 
 U, A = "user", "assistant"
 

@@ -1,21 +1,11 @@
-"""Pure loss math shared by the stages. Each function documents its formula; none knows about megatron."""
+"""Pure loss math of the preference stages (reward model, DPO family). Each function documents its
+formula; none knows about megatron. The language-model loss is megaflow.training.lm.masked_token_loss."""
 
 from __future__ import annotations
 
 import torch
 
-
-def masked_token_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and count of the per-token losses where `loss_mask` is 1:
-
-        loss_sum = sum_t mask_t * l_t,   num_tokens = sum_t mask_t
-
-    The engine divides the sum by the token count of the whole global batch (over micro-batches and
-    data-parallel ranks), so every token weighs the same however the batch is split.
-    """
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
-    return loss_sum, mask.sum().to(torch.int)
+from megaflow.eval.compare import reward_metrics
 
 
 # --- sequence log-probabilities -----------------------------------------------------------------
@@ -47,27 +37,6 @@ def nll_loss(per_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # --- reward model -------------------------------------------------------------------------------
-
-
-def reward_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Evaluation of a reward model on [b] rewards of chosen and rejected responses (0-d, detached):
-
-        accuracy = mean 1[r_c > r_r]   (a tie counts as wrong, as in TRL)
-        margin   = mean (r_c - r_r)
-        reward/{chosen,rejected}_mean, reward/{mean,std,min,max} over all 2b rewards (the distribution)
-    """
-    r_c, r_r = r_chosen.detach().float(), r_rejected.detach().float()
-    every = torch.cat([r_c, r_r])
-    return {
-        "accuracy": (r_c > r_r).float().mean(),
-        "margin": (r_c - r_r).mean(),
-        "reward/chosen_mean": r_c.mean(),
-        "reward/rejected_mean": r_r.mean(),
-        "reward/mean": every.mean(),
-        "reward/std": every.std(correction=0),
-        "reward/min": every.min(),
-        "reward/max": every.max(),
-    }
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
