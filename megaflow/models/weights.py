@@ -28,20 +28,29 @@ META_FILE = "megaflow.json"
 EXTRA_STATE = "._extra_state"
 
 
-def prepare_saves() -> None:
-    """dist_checkpointing's writer reports through a queue served by a spawned manager process; start that
-    manager ourselves, tied to this process's life, before megatron starts one that outlives a kill -9.
-    Trainers call it at start-up: it takes a second or two, which the first save would otherwise stall for."""
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
+def prepare_saves(async_save: bool = False) -> None:
+    """dist_checkpointing's writer reports its results through a queue. Saved in this process (a
+    synchronous save), a thread queue is enough; megatron would otherwise spawn a manager process for it,
+    whose start-up (it imports torch) stalls the first save of every process by seconds. An asynchronous
+    save writes from another process: then a manager, started here and tied to this process's life, so
+    that a killed run leaves no orphan holding pipes."""
+    import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", None) is None:
-        manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(die_with_parent)  # a killed run leaves no orphan holding pipes
-        filesystem_async._results_queue = manager.Queue()
-        prepare_saves.manager = manager  # keep it alive as long as the process
+    current = getattr(filesystem_async, "_results_queue", None)
+    if current is not None and (not async_save or not isinstance(current, queue.Queue)):
+        return
+    if not async_save:
+        filesystem_async._results_queue = queue.Queue()
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    prepare_saves.manager = manager  # keep it alive as long as the process
 
 
 def _rank() -> int:
@@ -88,7 +97,7 @@ def save_final(final_dir: Path, model_chunks, meta: dict, tokenizer=None) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "weights").mkdir(parents=True)
     _barrier()
-    prepare_saves()
+    prepare_saves()  # a synchronous save
     dist_checkpointing.save(model_sharded_state_dict(model_chunks, weights_only=True), str(tmp / "weights"))
     _barrier()
     if _rank() == 0:

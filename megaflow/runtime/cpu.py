@@ -38,24 +38,43 @@ _TYPE_NAMES = {
 }
 
 
+def _type_name(func, args, kwargs):
+    if len(args) == 1 and not kwargs:
+        name = func(*args)
+        return _TYPE_NAMES.get(name, name)
+    return func(*args, **kwargs)
+
+
+def _to(func, args, kwargs):
+    if len(args) > 1 and _is_cuda(args[1]):
+        args = (args[0], _CPU, *args[2:])
+    if "device" in kwargs:
+        kwargs = {**kwargs, "device": _map_device(kwargs["device"])}
+    return func(*args, **kwargs)
+
+
+_SPECIAL = {
+    torch.Tensor.cuda: lambda func, args, kwargs: args[0],
+    torch.Tensor.pin_memory: lambda func, args, kwargs: args[0],
+    torch.Tensor.type: _type_name,
+    torch.Tensor.to: _to,
+}
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Maps every CUDA device argument to the CPU; `.cuda()` is a no-op; `tensor.type()` answers with the
-    CUDA type name that megatron's optimizer and grad-clipping asserts expect."""
+    CUDA type name that megatron's optimizer and grad-clipping asserts expect. It sees every torch call
+    of the process, so the common case (no device argument) is a dictionary lookup and the call."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return _TYPE_NAMES.get(name, name)
-        if "device" in kwargs:
-            kwargs["device"] = _map_device(kwargs["device"])
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], _CPU, *args[2:])
-        if func in (torch.Tensor.pin_memory,):
-            return args[0]
-        return func(*args, **kwargs)
+        special = _SPECIAL.get(func)
+        if special is not None:
+            return special(func, args, kwargs or {})
+        if kwargs:
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": _map_device(kwargs["device"])}
+            return func(*args, **kwargs)
+        return func(*args)
 
 
 class _Stream:

@@ -223,8 +223,7 @@ class Trainer:
         self.skipped_total = 0
         self.stop_signal: str | None = None
         self.optimizer_format = checkpoint.optimizer_format(cfg.checkpoint.optimizer_format)
-        if cfg.checkpoint.every:
-            weights.prepare_saves()  # now, rather than as a stall of the first save
+        weights.prepare_saves(cfg.checkpoint.async_save)  # now, rather than as a stall of the first save
         self.async_saves = None
         if cfg.checkpoint.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue

@@ -35,8 +35,14 @@ def is_hf(spec: str | None) -> bool:
     return bool(spec) and spec.startswith(HF_PREFIX)
 
 
+def cache_home() -> Path:
+    """megaflow's cache: MEGAFLOW_CACHE, else ~/.cache/megaflow."""
+    return Path(os.environ.get("MEGAFLOW_CACHE", "~/.cache/megaflow")).expanduser()
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("MEGAFLOW_CACHE", "~/.cache/megaflow")).expanduser() / "hf"
+    """Where converted HF models are kept."""
+    return cache_home() / "hf"
 
 
 def check_spec(spec: str, model=None, key: str = "init_from", language_model: bool = True) -> None:

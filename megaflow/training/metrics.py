@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +24,47 @@ def peak_flops(dtype: torch.dtype = torch.float32) -> float:
         name = torch.cuda.get_device_name()
         if "H100" in name or "H200" in name or "GH200" in name:
             return HOPPER_BF16_PEAK
-    return measured_matmul_flops(dtype)
+        return measured_matmul_flops(dtype)
+    return _cpu_peak(dtype)
+
+
+def _cpu_peak(dtype: torch.dtype) -> float:
+    """The CPU's measured matmul peak, measured once per machine, thread count and dtype and kept in the
+    megaflow cache (a second of every training process's start otherwise)."""
+    import json
+    import platform
+
+    from megaflow.training.init_from import cache_home
+
+    key = f"{platform.machine()}|{_cpu_model()}|{torch.get_num_threads()} threads|{dtype}|torch {torch.__version__}"
+    path = cache_home() / "cpu-peak-flops.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    flops = measured_matmul_flops(dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known | {key: flops}, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache: measure again next time
+    return flops
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
 
 
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
