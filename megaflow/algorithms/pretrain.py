@@ -31,7 +31,6 @@ def _iterators(cfg: StageConfig):
 class Pretrain(TrainingStage):
     name = "pretrain"
     summary = "next-token prediction on raw text (indexed datasets, blends)"
-    model_from_init = False  # the config names the model; init_from (continued pretraining) must match it
     needs_init = False
 
     def inputs(self, cfg: StageConfig) -> dict[str, str]:

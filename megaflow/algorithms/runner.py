@@ -28,7 +28,6 @@ class TrainingStage(Stage):
     """A stage that trains a model with the engine: `run` is run_training below; a subclass supplies
     `prepare` and, where it needs them, the other hooks."""
 
-    model_from_init: ClassVar[bool] = True  # no model section: the initial checkpoint's model
     needs_init: ClassVar[bool] = True  # starts from a trained checkpoint (init_from)
     language_model_init: ClassVar[bool] = True  # init_from must be a language model, not a reward model
 
@@ -50,7 +49,7 @@ class TrainingStage(Stage):
         """init_from is a checkpoint of a model this stage can start from (once it exists)."""
         from megaflow.training import init_from
 
-        model = cfg.model if (cfg.model.model_fields_set or not self.model_from_init) else None
+        model = None if cfg.model_from_init else cfg.model  # StageConfig.model_from_init: pretrain names its own
         init_from.check_spec(cfg.init_from, model, language_model=self.language_model_init)
 
     def run(self, cfg: StageConfig) -> dict:
