@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import sys
-from pathlib import Path
 
 
 def die_with_parent() -> None:
@@ -25,26 +23,15 @@ def die_with_parent() -> None:
         pass
 
 
-def _children(pid: int) -> list[int]:
-    """Pids of the processes whose parent is `pid` (Linux /proc; elsewhere none)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _pass_usr1_to_ranks() -> None:
     """SIGUSR1 (SLURM's warning, or a pipeline runner's) asks each rank to save and stop. torchrun neither
     handles it (it would end the launcher) nor passes it on, and its ranks run in sessions of their own."""
+    import psutil
+
     def forward(signum, frame):
-        for pid in _children(os.getpid()):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signum)
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signum)
 
     signal.signal(signal.SIGUSR1, forward)
 
