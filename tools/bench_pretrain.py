@@ -6,7 +6,9 @@ tensor, generated once with a fixed seed; tokens = x[..., :-1], labels = x[..., 
   megaflow   megaflow.training.engine.Trainer.train_step over a LanguageModelTask (the real engine path:
              megatron DDP + optimizer + scheduler, forward_backward_func, loss reduction);
   mcore      tools/mcore_baseline.py: what a user of bare megatron-core writes (shares only
-             megaflow.runtime.cpu with megaflow), with megaflow's settings written out;
+             megaflow.runtime.cpu with megaflow, and on a CPU megaflow's SDPA core attention in the
+             local spec), with megaflow's settings written out;
+  *-unfused  the same two with megatron's own unfused DotProductAttention in the local spec (CPU);
   hf         HF transformers LlamaForCausalLM (sdpa attention) of the same shape, torch AdamW
              (fused on GPU), gradient accumulation over the same micro-batches, grad clip 1.0.
 
@@ -46,12 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common  # noqa: E402  (stdlib + yaml only; torch is imported lazily)
 
 REPO_ROOT = common.REPO_ROOT
-IMPLS = ("megaflow", "mcore", "hf")
-LABELS = {"megaflow": "megaflow engine", "mcore": "bare megatron-core", "hf": "HF transformers (sdpa)"}
+IMPLS = ("megaflow", "mcore", "hf", "megaflow-unfused", "mcore-unfused")
+LABELS = {"megaflow": "megaflow engine", "mcore": "bare megatron-core", "hf": "HF transformers (sdpa)",
+          "megaflow-unfused": "megaflow engine, unfused attention", "mcore-unfused": "bare megatron-core, unfused attention"}
+# The local spec's core attention per implementation (megaflow.models.attention); TE's own on a GPU.
+ATTENTION = {"megaflow": "sdpa", "mcore": "sdpa", "megaflow-unfused": "unfused", "mcore-unfused": "unfused"}
 DEFAULTS = {  # per device: shape, precision, micro-batch, micro-batches, repeats, steps, warmup
-    "cpu": dict(shape="small", precision="fp32", micro_batch=8, num_microbatches=2, seq=256, repeats=5, steps=4, warmup=2,
+    "cpu": dict(impl="megaflow,mcore,hf,megaflow-unfused", shape="small", precision="fp32", micro_batch=8, num_microbatches=2, seq=256, repeats=5, steps=4, warmup=2,
                 worker_timeout=900.0),
-    "gpu": dict(shape="1b", precision="bf16", micro_batch=8, num_microbatches=1, seq=2048, repeats=3, steps=10, warmup=3,
+    "gpu": dict(impl="megaflow,mcore,hf", shape="1b", precision="bf16", micro_batch=8, num_microbatches=1, seq=2048, repeats=3, steps=10, warmup=3,
                 worker_timeout=300.0),
 }
 SEED = 1234
@@ -82,7 +87,7 @@ def build_megaflow(spec: dict, tokens):
     from megaflow.training.lm import LanguageModelTask
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-megaflow-"))
-    cfg = load_config(None, [*spec["overrides"], f"run.dir={tmp}"])
+    cfg = load_config(None, [*spec["overrides"], f"run.dir={tmp}", f"attention={ATTENTION[spec['impl']]}"])
     cfg.run.tensorboard = False
     cfg.run.progress = False
     dist.setup(tp=1, pp=1, seed=cfg.train.seed)
@@ -97,7 +102,7 @@ def build_megaflow(spec: dict, tokens):
     from megaflow.models.gpt import use_transformer_engine
 
     step.cleanup = lambda: (trainer.close(), shutil.rmtree(tmp, ignore_errors=True))
-    step.info = {"layer_spec": "te" if use_transformer_engine() else "local",
+    step.info = {"layer_spec": "te" if use_transformer_engine() else f"local, {cfg.attention}",
                  "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__}
     return step
 
@@ -106,7 +111,8 @@ def build_mcore(spec: dict, tokens):
     import mcore_baseline
 
     return mcore_baseline.build(spec["shape"], spec["precision"], spec["micro_batch"], spec["seq"],
-                                spec["num_microbatches"], vocab_size=spec["vocab"], tokens=tokens, lr=LR, seed=SEED)
+                                spec["num_microbatches"], vocab_size=spec["vocab"], tokens=tokens, lr=LR, seed=SEED,
+                                attention=ATTENTION[spec["impl"]])
 
 
 def build_hf(spec: dict, tokens):
@@ -184,14 +190,14 @@ def build_hf(spec: dict, tokens):
 
 def run_worker(spec: dict) -> None:
     impl = spec["impl"]
-    if impl in ("megaflow", "mcore"):
+    if impl != "hf":
         import megatron.core  # noqa: F401  before any cuDNN op (Transformer Engine, ../shared/gpu/README.md)
     import torch
 
     t0 = time.perf_counter()
     tokens = common.make_tokens(spec["shape"]["vocab_size"], spec["num_microbatches"], spec["micro_batch"],
                                 spec["seq"], DATA_SEED)
-    step = {"megaflow": build_megaflow, "mcore": build_mcore, "hf": build_hf}[impl](spec, tokens)
+    step = (build_hf if impl == "hf" else build_mcore if impl.startswith("mcore") else build_megaflow)(spec, tokens)
     build_s = time.perf_counter() - t0
     load_before = os.getloadavg()[0]
     times, losses = common.time_steps(step, spec["warmup"], spec["steps"])
@@ -237,7 +243,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--num-microbatches", type=int)
-    p.add_argument("--impl", default="megaflow,mcore,hf")
+    p.add_argument("--impl", help="a comma list of " + ",".join(IMPLS) + " (default: megaflow,mcore,hf, "
+                   "and megaflow-unfused on a CPU)")
     p.add_argument("--out", help="JSON file (default bench-results/bench_pretrain.json, or $OUT/bench_pretrain.json "
                                  "when $OUT names a folder, as on the GPU machine)")
     p.add_argument("--hf-bf16", choices=["autocast", "weights"], default="autocast",
@@ -262,6 +269,7 @@ def parse_args(argv=None):
             "bench-results/bench_pretrain.json"
     d = DEFAULTS[a.device]
     a.shape = a.shape or d["shape"]
+    a.impl = a.impl or d["impl"]
     a.precision = a.precision or d["precision"]
     for k in ("micro_batch", "num_microbatches", "repeats", "steps", "warmup", "worker_timeout"):
         if getattr(a, k) is None:
@@ -276,6 +284,8 @@ def parse_args(argv=None):
         p.error(f"unknown precision/implementation: {', '.join(bad)}")
     if min(a.repeats, a.steps, a.micro_batch, a.seq, a.num_microbatches) < 1 or a.warmup < 0:
         p.error("--repeats, --steps, --micro-batch, --seq, --num-microbatches must be >= 1, --warmup >= 0")
+    if a.device == "gpu" and any(x.endswith("-unfused") for x in a.impls):
+        p.error("--impl *-unfused: megatron's local layer spec runs on a CPU only (Transformer Engine's attention on a GPU)")
     if "fp8" in a.precisions and not has_cuda and not a.dry_run:
         p.error("--precision fp8 needs Transformer Engine on a GPU (use --dry-run to see the plan)")
     return a
@@ -339,7 +349,7 @@ def run_one(a, cfg: dict, impl: str, rep: int, log_dir: Path) -> dict:
         return {"impl": impl, "precision": cfg["precision"], "repeat": rep, "failed": True, "rc": str(rc),
                 "wall_s": wall, "log": str(log)}
     result |= {"repeat": rep, "wall_s": wall, "median_s": common.median(result["times"])}
-    print(f"  {impl:<8} {cfg['precision']:<4} repeat {rep}: {1000 * result['median_s']:9.1f} ms/step "
+    print(f"  {impl:<16} {cfg['precision']:<4} repeat {rep}: {1000 * result['median_s']:9.1f} ms/step "
           f"(loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; process {wall:.0f}s)", flush=True)
     return result
 
@@ -405,7 +415,7 @@ def print_tables(a, the_plan: dict, summary: dict, env: dict, results: list[dict
         print(common.format_table(["implementation", "ms/step (median)", "tok/s", "TFLOP/s", "MFU",
                                    "ratio vs megaflow", "repeat medians (ms)"], table))
         mf = rows.get("megaflow", {})
-        for other in ("mcore", "hf"):
+        for other in ("mcore", "hf", "megaflow-unfused"):
             o = rows.get(other)
             if not o or o.get("failed") or mf.get("failed") or not mf:
                 continue

@@ -137,12 +137,15 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def build(shape: dict, precision: str = "fp32", micro_batch: int = 8, seq: int = 256, num_microbatches: int = 2,
           *, vocab_size: int | None = None, tokens: torch.Tensor | None = None, lr: float = 3e-4, seed: int = 1234,
-          weight_decay: float = 0.1, clip_grad: float = 1.0):
+          weight_decay: float = 0.1, clip_grad: float = 1.0, attention: str = "sdpa"):
     """Everything a bare-megatron-core training script sets up; returns `step() -> loss`.
 
     `shape` is a dict of megaflow model.* names (hidden_size, num_layers, num_attention_heads,
     num_query_groups, ffn_hidden_size, max_position_embeddings, rotary_base, norm_epsilon, vocab_size);
     `vocab_size` is the (padded) embedding size; `tokens` a [num_microbatches, micro_batch, seq + 1] batch.
+    `attention` (local spec only): "sdpa" puts megaflow's SDPA core attention into megatron's spec (the one
+    piece of megaflow's model this baseline shares, so that both run the same attention), "unfused" keeps
+    megatron's DotProductAttention with an explicit causal mask.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
@@ -158,6 +161,11 @@ def build(shape: dict, precision: str = "fp32", micro_batch: int = 8, seq: int =
 
     config = transformer_config(shape, precision, on_cpu, te)
     spec = get_gpt_layer_with_transformer_engine_spec() if te else get_gpt_layer_local_spec(normalization="RMSNorm")
+    sdpa = not te and attention == "sdpa"
+    if sdpa:
+        from megaflow.models.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -199,8 +207,9 @@ def build(shape: dict, precision: str = "fp32", micro_batch: int = 8, seq: int =
         for x in tokens
     ]
     data_iterator = itertools.cycle(batches)
-    # The local (CPU) attention takes an explicit boolean causal mask (True = masked out); TE is causal by type.
-    causal = None if te else torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), diagonal=1)[None, None]
+    # megatron's unfused attention takes an explicit boolean causal mask (True = masked out); TE and SDPA
+    # are causal by type.
+    causal = None if te or sdpa else torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -226,7 +235,7 @@ def build(shape: dict, precision: str = "fp32", micro_batch: int = 8, seq: int =
         total = torch.stack([d["lm loss"] for d in losses]).sum(0)
         return (total[0] / total[1]).item()
 
-    step.info = {"transformer_engine": te, "layer_spec": "te" if te else "local", "vocab": vocab,
+    step.info = {"transformer_engine": te, "layer_spec": "te" if te else f"local, {attention}", "vocab": vocab,
                  "params_dtype": str(config.params_dtype), "optimizer": type(optimizer.optimizer).__name__
                  if hasattr(optimizer, "optimizer") else type(optimizer).__name__}
     return step

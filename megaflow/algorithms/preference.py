@@ -24,7 +24,6 @@ from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import UserError
 from megaflow.runtime import distributed as dist
 from megaflow.training import init_from
-from megaflow.models.gpt import causal_mask
 
 
 class PreferenceStage(TrainingStage):
@@ -102,8 +101,7 @@ def batch_iterators(cfg: StageConfig, n_chunks: int, dataset, consumed: int = 0,
 def batch_on_device(data_iterator) -> dict[str, torch.Tensor]:
     """The next micro-batch of pairs on this rank's device, with `position_ids` and the attention.
 
-    Unpacked rows are right-padded, so causal attention never lets a real token see padding: the local
-    spec's causal mask, none with TE. Packed rows (megaflow.data.pair_packing) get `pair_mask` with the
+    Unpacked rows are right-padded, so causal attention (no mask) never lets a real token see padding. Packed rows (megaflow.data.pair_packing) get `pair_mask` with the
     local spec, and TE's packed (THD) attention over one segment per sequence otherwise, as
     `packed_seq_params`, with every [b, s] tensor flattened to [1, b*s]."""
     from megaflow.data import pair_packing
@@ -113,8 +111,7 @@ def batch_on_device(data_iterator) -> dict[str, torch.Tensor]:
     batch = {k: v.to(dist.device(), non_blocking=True) for k, v in next(data_iterator).items()}
     batch["packed_seq_params"] = None
     if "branch_ids" not in batch:
-        mask = causal_mask(batch["tokens"].shape[1])
-        batch["attention_mask"] = mask.to(dist.device()) if mask is not None else None
+        batch["attention_mask"] = None  # causal
     elif gpt.use_transformer_engine():
         rows = {k: batch[k] for k in ("tokens", "labels", "position_ids")}
         rows["segment_ids"] = pair_packing.thd_segments(batch["segment_ids"], batch["branch_ids"])

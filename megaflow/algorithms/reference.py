@@ -34,7 +34,7 @@ class ReferenceModel:
     def __init__(self, cfg: StageConfig, vocab_size: int, ckpt: str | Path):
         tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.fp8_recipe)
         tcfg.calculate_per_token_loss = True
-        self.chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size)
+        self.chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size, attention=cfg.attention)
         weights.load_weights(ckpt, self.chunks)
         for chunk in self.chunks:
             chunk.eval()

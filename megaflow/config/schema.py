@@ -311,6 +311,8 @@ class StageConfig(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
+    # core attention where Transformer Engine is absent (CPU): torch SDPA, or megatron's unfused one to compare
+    attention: Literal["sdpa", "unfused"] = "sdpa"
     init_from: str | None = None
     rm: RMConfig = Field(default_factory=RMConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)

@@ -58,14 +58,11 @@ def logits(chunk: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megaflow.models.gpt import causal_mask
-
     device = dist.device()
     tokens = tokens.to(device)
     positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    mask = causal_mask(tokens.shape[1])
     with torch.no_grad():
-        out = chunk(tokens, positions, mask.to(device) if mask is not None else None)
+        out = chunk(tokens, positions, None)  # no mask: causal
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             out = gather_from_tensor_model_parallel_region(out)
     return out.float().cpu()

@@ -13,8 +13,8 @@ How a batch of prompts of different lengths runs (megatron's own static engine d
    and copies each step's keys/values to `sequence_len_offset`);
 2. decode: one token per row per step at position p, reading the cached keys of [0, p). A row still in
    its prompt at p takes its prompt token (what the model predicted there is dropped); a row past its
-   prompt takes the sampled token. Decode steps attend only to real, earlier tokens, so they need no mask
-   (the causal mask is only needed for the prefill, explicitly with the local spec on CPU).
+   prompt takes the sampled token. Decode steps attend only to real, earlier tokens, so they need no mask;
+   the prefill is causal by the attention's type.
 
 Uncached mode (`use_cache=False`) recomputes the whole prefix every step with the training forward; the
 two must agree token for token (tests/e2e/test_generate.py).
@@ -282,16 +282,13 @@ def _megatron_inference_mode(active: bool):
 def _step_logits(model: InferenceModel, tokens: torch.Tensor, prev: int, cur: int, context) -> torch.Tensor | None:
     """Logits [b, padded_vocab] predicting position `cur`: from the tokens of [prev, cur) and the KV cache
     of [0, prev), or (no context) from the whole prefix [0, cur) recomputed."""
-    from megaflow.models.gpt import causal_mask
-
     if context is None:
-        logits = model.forward(tokens[:, :cur], causal_mask(cur))
+        logits = model.forward(tokens[:, :cur])
     else:
         if prev == 0:
             context.reset()
         else:
             context.enable_decode_mode()
         context.sequence_len_offset = prev
-        mask = causal_mask(cur - prev) if prev == 0 else None  # a decode step attends to all cached keys
-        logits = model.forward(tokens[:, prev:cur], mask, context, position_offset=prev)
+        logits = model.forward(tokens[:, prev:cur], inference_context=context, position_offset=prev)
     return None if logits is None else logits[:, -1, :]

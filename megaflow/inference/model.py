@@ -85,7 +85,7 @@ class InferenceModel:
 
     # --- the forward -----------------------------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, inference_context=None,
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, inference_context=None,
                 position_offset: int = 0, gather: bool = True) -> torch.Tensor | None:
         """Logits [b, s', V] of a [b, s] batch on the last pipeline stage (None on the others).
 

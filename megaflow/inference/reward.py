@@ -23,8 +23,6 @@ def is_reward_model(model: InferenceModel) -> bool:
 
 def rewards(model: InferenceModel, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[float]:
     """One reward per token sequence, on every rank."""
-    from megaflow.models.gpt import causal_mask
-
     if not is_reward_model(model):
         raise UserError('not a reward model (its megaflow.json has no "head": "scalar"; train one with '
                         "`megaflow train rm`)")
@@ -42,7 +40,7 @@ def rewards(model: InferenceModel, sequences: Sequence[Sequence[int]], batch_siz
             for row, s in enumerate(batch):
                 tokens[row, :len(s)] = torch.tensor(s)
             last = torch.tensor([len(s) - 1 for s in batch], device=model.device)
-            values = model.forward(tokens, causal_mask(width))
+            values = model.forward(tokens)
             got = torch.zeros(len(batch), dtype=torch.float64, device=model.device)
             if values is not None:
                 got = values[torch.arange(len(batch), device=model.device), last, 0].double()

@@ -69,7 +69,6 @@ def _batch_logprobs(model: InferenceModel, seqs: list[list[int]]) -> tuple[torch
     """Per-position log-probs [b, L-1] of seq[1:] given seq[:-1] and argmax ids [b, L-1], on every rank
     (computed on the last pipeline stage and broadcast). Rows are right-padded to the longest, L."""
     from megaflow.models.gpt import unwrap
-    from megaflow.models.gpt import causal_mask
 
     width = max(len(s) for s in seqs)
     pad = model.tokenizer.pad_id if model.tokenizer is not None else 0
@@ -78,7 +77,7 @@ def _batch_logprobs(model: InferenceModel, seqs: list[list[int]]) -> tuple[torch
         full[i, : len(s)] = torch.tensor(s)
     tokens, labels = full[:, :-1], full[:, 1:].to(model.device)
     packed = torch.zeros(2, len(seqs), width - 1, dtype=torch.float64, device=model.device)
-    logits = model.forward(tokens, causal_mask(width - 1), gather=False)
+    logits = model.forward(tokens, gather=False)
     if logits is not None:
         ce = unwrap(model.chunks[0]).compute_language_model_loss(labels, logits.transpose(0, 1).contiguous())
         packed[0] = -ce.to(torch.float64)

@@ -118,22 +118,31 @@ class SequenceParallelNorm:
         return norm
 
 
-def layer_spec(model: ModelConfig, tcfg, vp_stage: int | None = None):
-    """TE spec on GPU; megatron's local spec otherwise (with SP-capable norms when SP is on)."""
+def layer_spec(model: ModelConfig, tcfg, vp_stage: int | None = None, attention: str = "sdpa"):
+    """TE spec on GPU; megatron's local spec otherwise, with `attention`'s core attention
+    (megaflow.models.attention: "sdpa" or megatron's "unfused") and SP-capable norms when SP is on."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from megaflow.models.attention import CORE_ATTENTION
+
     if use_transformer_engine():
         return get_gpt_layer_with_transformer_engine_spec()
+    if attention not in CORE_ATTENTION:
+        raise ValueError(f"attention: expected one of {tuple(CORE_ATTENTION)}, got {attention!r}")
     spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    self_attention = spec.submodules.self_attention
+    submodules = dataclasses.replace(spec.submodules, self_attention=dataclasses.replace(
+        self_attention, submodules=dataclasses.replace(self_attention.submodules,
+                                                       core_attention=CORE_ATTENTION[attention])))
     if not tcfg.sequence_parallel:
-        return spec
+        return dataclasses.replace(spec, submodules=submodules)
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     layer = dataclasses.replace(spec, submodules=dataclasses.replace(
-        spec.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm))
+        submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm))
     n_layers = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=SequenceParallelNorm)
 
@@ -220,10 +229,14 @@ def loss_at_positions(loss_mask: torch.Tensor):
 HEADS = ("lm", "scalar")
 
 
-def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int, head: str = "lm") -> list[torch.nn.Module]:
+def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int, head: str = "lm",
+                     attention: str = "sdpa") -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage owned by this rank (a list of one without VPP). `head`:
     "lm" (the language-model output layer) or "scalar" (ScalarHead: reward and value models, whose
-    embeddings are never tied to an output layer)."""
+    embeddings are never tied to an output layer); `attention`: the local spec's core attention.
+
+    Every attention is causal by type: a forward without an attention mask is causal (TE's and
+    megatron's own attention build that themselves); a mask is passed only to keep packed samples apart."""
     if head not in HEADS:
         raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
     from megatron.core import parallel_state
@@ -234,7 +247,7 @@ def build_gpt_chunks(model: ModelConfig, tcfg, vocab_size: int, head: str = "lm"
     for vp_stage in range(vpp):
         chunk = GPTModel(
             config=tcfg,
-            transformer_layer_spec=layer_spec(model, tcfg, vp_stage if vpp > 1 else None),
+            transformer_layer_spec=layer_spec(model, tcfg, vp_stage if vpp > 1 else None, attention),
             vocab_size=vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -298,10 +311,3 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
         module = module.module
     return module
 
-
-@functools.cache
-def causal_mask(seq_length: int) -> torch.Tensor | None:
-    """The local (CPU) attention needs an explicit boolean mask (True = masked out); TE is causal by type."""
-    if use_transformer_engine():
-        return None
-    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)[None, None]

@@ -69,7 +69,7 @@ def build_model(cfg: StageConfig, vocab_size: int, head: str = "lm"):
     """Model chunks (one per virtual pipeline stage) wrapped in megatron DDP, and their TransformerConfig."""
     tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.fp8_recipe)
     tcfg.calculate_per_token_loss = True
-    chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size, head=head)
+    chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size, head=head, attention=cfg.attention)
     return gpt.wrap_ddp(chunks, tcfg, cfg.parallel), tcfg
 
 

@@ -8,7 +8,6 @@ import functools
 
 import torch
 
-from megaflow.models.gpt import causal_mask
 from megaflow.training.engine import Task
 from megaflow.runtime import distributed as dist
 
@@ -46,20 +45,18 @@ class LanguageModelTask(Task):
     @staticmethod
     def get_batch(data_iterator):
         """The micro-batch on this rank's device; under context parallelism, this rank's part of the
-        sequence (the causal mask is TE's, so only the local spec's full-length mask is built)."""
+        sequence. No attention mask: every attention is causal by type."""
         batch = next(data_iterator)
         device = dist.device()
         tokens = batch["tokens"].to(device, non_blocking=True)
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-        mask = causal_mask(tokens.shape[1])
         local = slice_for_context_parallel({
             "tokens": tokens,
             "labels": batch["labels"].to(device, non_blocking=True),
             "loss_mask": batch["loss_mask"].to(device, non_blocking=True),
             "position_ids": position_ids,
         })
-        return (local["tokens"], local["labels"], local["loss_mask"], (mask.to(device) if mask is not None else None),
-                local["position_ids"])
+        return local["tokens"], local["labels"], local["loss_mask"], None, local["position_ids"]
 
     @staticmethod
     def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megaflow.runtime.distributed import _first_slurm_host, read_env
 
@@ -45,3 +46,24 @@ def test_single_process(clean_env):
 ])
 def test_first_host_of_a_nodelist(nodelist, first):
     assert _first_slurm_host(nodelist) == first
+
+
+def test_the_cpu_peak_is_measured_again_when_the_machine_is_quieter(tmp_path, monkeypatch):
+    """The cached matmul peak: reused under the same or more load, measured again (and the higher value
+    kept) on a quieter machine, so one measurement taken under load does not stay for good."""
+    import json
+
+    from megaflow.training import metrics
+
+    monkeypatch.setenv("MEGAFLOW_CACHE", str(tmp_path))
+    measured = iter([5e10, 2e11])
+    monkeypatch.setattr(metrics, "measured_matmul_flops", lambda dtype: next(measured))
+    load = [3.0]
+    monkeypatch.setattr(metrics.os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+    assert metrics._cpu_peak(torch.float32) == 5e10  # measured under load 3
+    assert metrics._cpu_peak(torch.float32) == 5e10  # cached: no quieter now
+    load[0] = 0.2
+    assert metrics._cpu_peak(torch.float32) == 2e11  # quieter: measured again
+    assert metrics._cpu_peak(torch.float32) == 2e11  # cached at load 0.2
+    (entry,) = json.loads((tmp_path / "cpu-peak-flops.json").read_text()).values()
+    assert entry == {"flops": 2e11, "load": 0.2}
