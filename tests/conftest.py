@@ -21,7 +21,18 @@ def run_megaflow(*args: str, cwd: Path, env: dict | None = None, timeout: int = 
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+# Modules that share the expensive session fixtures after tiny_pretrain (tiny_sft) run on one xdist worker.
+SFT_GROUP = {"tests.e2e.test_sft", "tests.e2e.test_preference_stages", "tests.e2e.test_bad_input",
+             "tests.e2e.test_degenerate_inputs"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    """Skip GPU tests without a GPU; with xdist (`scripts/test.sh` runs two workers), keep each module on
+    one worker (its module-scoped fixtures are built once) and the tiny_sft modules together."""
+    for item in items:
+        module = item.module.__name__ if item.module is not None else item.nodeid
+        item.add_marker(pytest.mark.xdist_group("tiny_sft" if module in SFT_GROUP else module))
     try:
         import torch
 

@@ -14,11 +14,14 @@ causal by the module's type (as TE's attention is). A query row must keep at lea
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
 
 class SDPAttention(DotProductAttention):
     """megatron's DotProductAttention (same constructor, parameters and checkpoint keys) with a fused forward:
@@ -57,18 +60,13 @@ class SDPAttention(DotProductAttention):
         dropout = self.attention_dropout.p if self.training else 0.0
         # [s, b, heads, d] -> [b, heads, s, d]: views; SDPA's kernels take the strides as they are
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel else None
-        if rng is None:
-            out = self._attend(q, k, v, mask, dropout, is_causal)
-        else:
-            with rng:
-                out = self._attend(q, k, v, mask, dropout, is_causal)
+        # megatron draws attention dropout from the model-parallel RNG stream unless SP is on
+        forked = dropout and not self.config.sequence_parallel
+        with tensor_parallel.get_cuda_rng_tracker().fork() if forked else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                                 scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
         # [b, n, sq, d] -> [sq, b, n*d]
         return out.permute(2, 0, 1, 3).reshape(sq, out.shape[0], self.hidden_size_per_partition)
-
-    def _attend(self, q, k, v, mask, dropout, is_causal):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                              scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 # the `attention` choices of the local spec: torch SDPA, or megatron's unfused DotProductAttention

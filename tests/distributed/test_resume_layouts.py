@@ -1,5 +1,6 @@
 """Resume across parallel layouts: a checkpoint saved in one layout continues in another with the same
-loss (1e-5) at the first resumed step as the run that kept its layout."""
+loss (1e-5) at the first resumed step as the run that kept its layout. Each saved layout trains once
+(`saved_run`); every resume starts from a copy of it."""
 
 from __future__ import annotations
 
@@ -24,6 +25,30 @@ def _train(workdir, tiny_pretrain, run_dir, layout: list[str], nproc: int):
     return proc, {r["step"]: r["loss"] for r in rows if "split" not in r}
 
 
+@pytest.fixture(scope="module")
+def saved_run(workdir, tiny_pretrain):
+    """(run dir, step -> loss) of the run in a saved layout: checkpoint at step 4, on to step 6; trained
+    once per layout and module."""
+    runs = {}
+
+    def get(layout: list[str], nproc: int):
+        key = (tuple(layout), nproc)
+        if key not in runs:
+            source = f"runs/layout-saved-{len(runs)}"
+            runs[key] = source, _train(workdir, tiny_pretrain, source, layout, nproc)[1]
+        return runs[key]
+
+    return get
+
+
+def _resume_copy(workdir, tiny_pretrain, source: str, name: str, layout: list[str], nproc: int):
+    """A copy of the saved run without its final checkpoint, trained on from its step-4 checkpoint."""
+    target = workdir / f"runs/layout-{name}"
+    shutil.copytree(workdir / source, target)
+    shutil.rmtree(target / "pretrain" / "final")
+    return _train(workdir, tiny_pretrain, str(target.relative_to(workdir)), layout, nproc)
+
+
 DISTOPT = ["parallel.distributed_optimizer=true"]
 DP_RESHARDABLE = [*DISTOPT, "checkpoint.optimizer_format=dp_reshardable"]
 
@@ -40,13 +65,9 @@ DP_RESHARDABLE = [*DISTOPT, "checkpoint.optimizer_format=dp_reshardable"]
     ("dp2-distopt-same-layout", DISTOPT, 2, DISTOPT, 2),
     ("dp2-dp-reshardable-same-layout", DP_RESHARDABLE, 2, DP_RESHARDABLE, 2),
 ])
-def test_resume_in_another_layout(workdir, tiny_pretrain, name, saved, saved_nproc, resumed, resumed_nproc):
-    source = f"runs/layout-{name}-a"
-    _, original = _train(workdir, tiny_pretrain, source, saved, saved_nproc)  # checkpoint at step 4, runs on to 6
-    target = workdir / f"runs/layout-{name}-b"
-    shutil.copytree(workdir / source, target)
-    shutil.rmtree(target / "pretrain" / "final")
-    proc, continued = _train(workdir, tiny_pretrain, str(target.relative_to(workdir)), resumed, resumed_nproc)
+def test_resume_in_another_layout(workdir, tiny_pretrain, saved_run, name, saved, saved_nproc, resumed, resumed_nproc):
+    source, original = saved_run(saved, saved_nproc)
+    proc, continued = _resume_copy(workdir, tiny_pretrain, source, name, resumed, resumed_nproc)
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     print(f"{name}: step 5 loss {original[5]:.7f} (kept layout) vs {continued[5]:.7f} (resumed in the new one)")
     assert "optimizer starts fresh" not in proc.stdout  # its state came back (step 6 depends on it)
@@ -58,14 +79,10 @@ def test_resume_in_another_layout(workdir, tiny_pretrain, name, saved, saved_npr
         assert (continued[5], continued[6]) == (original[5], original[6])
 
 
-def test_dp_reshardable_optimizer_starts_fresh_in_another_layout(workdir, tiny_pretrain):
+def test_dp_reshardable_optimizer_starts_fresh_in_another_layout(workdir, tiny_pretrain, saved_run):
     """A dp_reshardable optimizer state cannot follow a layout change: one warning, the weights load, and
     the optimizer starts fresh (so step 5, which depends only on the weights, still matches)."""
-    source = "runs/layout-dp-reshardable-to-dp1-a"
-    _, original = _train(workdir, tiny_pretrain, source, DP_RESHARDABLE, 2)
-    target = workdir / "runs/layout-dp-reshardable-to-dp1-b"
-    shutil.copytree(workdir / source, target)
-    shutil.rmtree(target / "pretrain" / "final")
-    proc, continued = _train(workdir, tiny_pretrain, str(target.relative_to(workdir)), DP_RESHARDABLE, 1)
+    source, original = saved_run(DP_RESHARDABLE, 2)
+    proc, continued = _resume_copy(workdir, tiny_pretrain, source, "dp-reshardable-to-dp1", DP_RESHARDABLE, 1)
     assert "at step 4" in proc.stdout and "the optimizer starts fresh" in proc.stdout
     assert continued[5] == pytest.approx(original[5], abs=1e-5)
