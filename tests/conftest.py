@@ -10,15 +10,48 @@ from pathlib import Path
 
 import pytest
 
+from tests.zygote import Zygote, can_stand_in
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "tinyshakespeare.txt"
 
 
 def run_megaflow(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, nproc: int | None = None):
     """Run the CLI in a subprocess (the way users do); returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "megaflow", *args]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_python("-m", "megaflow", *args, cwd=cwd, env=full_env, timeout=timeout)
+
+
+_zygote = None
+
+
+def run_python(*argv: str, cwd=None, env: dict | None = None, timeout: float = 600,
+               input: str | None = None) -> subprocess.CompletedProcess:
+    """subprocess.run([python, *argv], capture_output=True, text=True) through the session's warm start
+    (tests/zygote.py) when it can stand in for a cold one, else a cold subprocess."""
+    global _zygote
+    cwd, env = cwd or os.getcwd(), dict(os.environ if env is None else env)
+    if _zygote is None:
+        _zygote = False
+        if os.environ.get("MEGAFLOW_TEST_ZYGOTE", "1") != "0":
+            import atexit
+            import tempfile
+
+            server_env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+            zygote = Zygote(os.path.join(tempfile.mkdtemp(prefix="megaflow-zygote-"), "socket"), server_env)
+            atexit.register(zygote.close)
+            if zygote.ready:
+                _zygote = zygote
+            else:
+                print(f"tests: cold starts only (the warm start answered {zygote.answer!r})", file=sys.stderr)
+    if _zygote and can_stand_in(env, _zygote.env):
+        try:
+            return _zygote.run(list(argv), cwd, env, timeout, input)
+        except (ConnectionRefusedError, FileNotFoundError):  # the server is gone: cold from here on
+            print("tests: the warm start is gone; cold starts from here on", file=sys.stderr)
+            _zygote = False
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          input=input)
 
 
 # Modules that share the expensive session fixtures after tiny_pretrain (tiny_sft) run on one xdist worker.

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 from tests.convert import hf_models
 
 pytestmark = pytest.mark.slow
@@ -28,8 +26,7 @@ TOL = 1e-4
 def _launch(out: Path, nproc: int | None, *args: str) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    proc = subprocess.run([sys.executable, *launcher, str(WORKER), "--out", str(out), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_python(*launcher, str(WORKER), "--out", str(out), *args, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -42,14 +42,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_megaflow
+from tests.conftest import REPO, run_megaflow, run_python
 
 TOOLS = REPO / "tools"
 PAIRS = REPO / "data" / "sample" / "pref-words" / "train.jsonl"
@@ -120,8 +119,7 @@ def models(tmp_path_factory) -> dict:
     pytest.importorskip("trl", minversion="1.16", reason="needs TRL >= 1.16 (pip install -e '.[bench]')")
     out = tmp_path_factory.mktemp("dpo-vs-trl")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--init", str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_python(__file__, "--init", str(out), cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "models.json").read_text())
     assert result["initial_logit_diff"] <= 1e-4 and result["perturbed_logit_diff"] <= 1e-4, result

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -26,9 +24,8 @@ TOL = 1e-5
 def results(tiny_pretrain, tmp_path_factory):
     out = tmp_path_factory.mktemp("generate-parallel") / "results.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-           "--ckpt", str(tiny_pretrain / "final"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+                      "--ckpt", str(tiny_pretrain / "final"), "--out", str(out), cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 

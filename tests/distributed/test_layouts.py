@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -43,8 +41,7 @@ def launch(out, nproc: int | None, *args: str, worker=WORKER, env: dict | None =
     """Run a worker script in one process (nproc None) or under torchrun with nproc ranks."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO), **(env or {})}
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    proc = subprocess.run([sys.executable, *launcher, str(worker), "--out", str(out), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_python(*launcher, str(worker), "--out", str(out), *args, cwd=REPO, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

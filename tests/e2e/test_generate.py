@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -191,9 +190,10 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def checks(ckpt, tmp_path_factory) -> dict:
+    from tests.conftest import run_python
+
     out = tmp_path_factory.mktemp("generate") / "checks.json"
-    proc = subprocess.run([sys.executable, __file__, str(ckpt), str(out)], env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = run_python(__file__, str(ckpt), str(out), env=_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -296,8 +296,9 @@ def test_too_long_prompt_is_one_line_error(checks):
 
 
 def _megaflow(*args, stdin: str | None = None):
-    return subprocess.run([sys.executable, "-m", "megaflow", *args], env=_env(), capture_output=True, text=True,
-                          input=stdin, timeout=600)
+    from tests.conftest import run_python
+
+    return run_python("-m", "megaflow", *args, env=_env(), input=stdin)
 
 
 def test_cli_generate_json(ckpt, checks):

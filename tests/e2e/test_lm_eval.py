@@ -5,12 +5,11 @@ weights, converted with `megaflow convert megaflow-to-hf`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 
 import pytest
 
-from tests.conftest import REPO, run_megaflow
+from tests.conftest import REPO, run_megaflow, run_python
 
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.slow
@@ -75,8 +74,7 @@ print(json.dumps({{"ours": ours.loglikelihood(reqs), "hf": hf.loglikelihood(reqs
                   "ours_rolling": ours.loglikelihood_rolling(rolling), "hf_rolling": hf.loglikelihood_rolling(rolling),
                   "ours_gen": ours.generate_until(until), "hf_gen": hf.generate_until(until)}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", "HF_DATASETS_OFFLINE": "1"})
+    out = run_python("-c", code, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore", "HF_DATASETS_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

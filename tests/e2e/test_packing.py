@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "e2e" / "packing_worker.py")], cwd=REPO,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    proc = run_python(str(REPO / "tests" / "e2e" / "packing_worker.py"), cwd=REPO,
+                      env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_megaflow
+from tests.conftest import REPO, run_megaflow, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -213,9 +211,8 @@ def test_reference_log_probs_equal_a_direct_per_token_computation(workdir, tiny_
     computation: each sequence scored alone by inference's `logprobs_of`, summed over its response
     tokens (the prompt and the chat template's header carry no loss)."""
     (cache,) = [p for p in (tiny_dpo.parent / "cache").glob("reference-logps-*.npy") if len(np.load(p)) == 2000]
-    proc = subprocess.run([sys.executable, "-c", CHECK_LOGPS, str(tiny_sft / "final"), str(PAIRS / "train.jsonl"),
-                           str(cache), "24"], cwd=workdir, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"})
+    proc = run_python("-c", CHECK_LOGPS, str(tiny_sft / "final"), str(PAIRS / "train.jsonl"), str(cache), "24",
+                      cwd=workdir, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert np.asarray(got["direct"]) == pytest.approx(np.asarray(got["cached"]), abs=1e-4)
