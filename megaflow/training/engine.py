@@ -407,6 +407,8 @@ class Trainer:
             faults.kill_self()
         if faults.armed("sigterm", cfg.stage, step):
             faults.kill_self(signal.SIGTERM)
+        if faults.armed("pause", cfg.stage, step):
+            faults.pause_until(lambda: self.stop_signal is not None, step)
 
     def _should_stop(self, start_time: float) -> bool:
         """A stop request on any rank (signal) or rank 0's clock stops every rank at the same step."""

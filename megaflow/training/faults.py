@@ -6,14 +6,19 @@ wants it (mid-run, during a save, on a NaN). Kinds:
     kill          SIGKILL right after the step (no chance to save)
     kill_in_save  SIGKILL while the checkpoint of that step is half written
     sigterm       SIGTERM to this process after the step (what SLURM sends before a preemption)
+    pause         after the step, wait (at most 60 s) until a stop signal arrives: a window in which a
+                  test's own signal lands at a known step; "fault: paused after step N" on stderr says when
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
+from collections.abc import Callable
 
-KINDS = ("nan", "kill", "kill_in_save", "sigterm")
+KINDS = ("nan", "kill", "kill_in_save", "sigterm", "pause")
 
 
 def _parse(spec: str) -> set[tuple[str, str, int]]:
@@ -34,3 +39,10 @@ def armed(kind: str, stage: str, step: int) -> bool:
 
 def kill_self(sig: int = signal.SIGKILL) -> None:
     os.kill(os.getpid(), sig)
+
+
+def pause_until(stop_requested: Callable[[], bool], step: int, seconds: float = 60.0) -> None:
+    print(f"fault: paused after step {step}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + seconds
+    while not stop_requested() and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -184,18 +184,22 @@ def test_crashes_and_a_kill_9_resume_to_the_same_metrics(baseline, tmp_path, cor
             runner.wait()
             _wait_for_no_trainer(run_dir)
             assert _record(run_dir)["sft"]["status"] == "running"
-            # SIGUSR1 (SLURM's warning) once the resumed sft saved again: a checkpoint, exit 75, no next stage
-            saved = latest.read_text()
-            runner = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "TQDM_DISABLE": "1"},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            deadline = time.time() + 300
-            while latest.read_text() == saved and runner.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            assert runner.poll() is None, "the runner ended before sft saved again"
-            runner.send_signal(signal.SIGUSR1)
-            out, err = runner.communicate(timeout=300)
-            # (stopped at its next step; ended, if the signal came after its last step)
+            # SIGUSR1 (SLURM's warning) while the resumed sft pauses after step 5 (it resumed from
+            # step 2 or 4; steps 6): a checkpoint, exit 75, no next stage, on a machine of any speed
+            log = tmp_path / "usr1-runner.err"
+            with open(log, "w") as err_file:
+                runner = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "TQDM_DISABLE": "1",
+                                                                  "MEGAFLOW_FAULT": "pause@sft:5"},
+                                          stdout=subprocess.PIPE, stderr=err_file, text=True)
+                deadline = time.time() + 300
+                while "paused after step 5" not in log.read_text() and runner.poll() is None and time.time() < deadline:
+                    time.sleep(0.1)
+                assert runner.poll() is None, "the runner ended before sft paused"
+                runner.send_signal(signal.SIGUSR1)
+                out, _ = runner.communicate(timeout=300)
+            err = log.read_text()
             assert runner.returncode == 75 and re.search(r"stage sft (stopped|ended) on SIGUSR1", err), err[-2000:]
+            assert "stop requested (SIGUSR1) at step 5: checkpoint saved" in out + err, (out + err)[-2000:]
             assert _record(run_dir)["sft"]["status"] == "stopped" and "== rm" not in out
     proc = run_megaflow("run", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
