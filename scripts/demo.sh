@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded demo: the whole tiny pipeline (configs/pipelines/tiny.yaml) on bundled data, about 8-9
+# The embedded demo: the whole tiny pipeline (configs/pipelines/tiny.yaml) on bundled data, about 4
 # minutes on 2 CPU cores: a byte-level BPE tokenizer, tinyshakespeare preprocessed into megatron indexed
 # files, the ~2M-parameter tiny model pretrained, fine-tuned on megaflow's generated instructions, a reward
 # model and DPO on generated preference pairs, and every model evaluated on the same held-out sets.
