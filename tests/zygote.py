@@ -183,8 +183,12 @@ def _become(request: dict, fds: list[int], shim: str, server_env: dict) -> None:
     sys.executable = shim
     # first what -m puts there (the working directory), '' for -c, or a script's own folder; then
     # PYTHONPATH, then site-packages
-    first = {"-m": request["cwd"], "-c": ""}.get(argv[0]) if argv[0] in ("-m", "-c") \
-        else os.path.dirname(os.path.abspath(argv[0]))
+    if argv[0] == "-m":
+        first = request["cwd"]
+    elif argv[0] == "-c":
+        first = ""
+    else:
+        first = os.path.dirname(os.path.abspath(argv[0]))
     sys.path[:] = [first, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), *SITE_PATH]
     try:
         _run(argv)
@@ -312,9 +316,8 @@ def shim_main(path: str, server_env: dict) -> None:
     argv = sys.argv[1:]
     unbuffered = bool(argv) and argv[0] == "-u"
     argv = argv[1:] if unbuffered else argv
-    extra_fds = [fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2]  # listdir's own is gone by now
-    if (not argv or argv[0].startswith("-") and argv[0] not in ("-m", "-c") or len(argv) < 2 and argv[0] in ("-m", "-c")
-            or any(_fd_is_open(fd) for fd in extra_fds) or not can_stand_in(dict(os.environ), server_env)):
+    inherited = any(_fd_is_open(fd) for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2)  # listdir's own: closed
+    if not _runnable(argv) or inherited or not can_stand_in(dict(os.environ), server_env):
         os.execv(REAL_PYTHON, [REAL_PYTHON, *sys.argv[1:]])
     try:
         conn, pid = _request(path, argv, os.getcwd(), dict(os.environ), [0, 1, 2], unbuffered)
@@ -322,17 +325,19 @@ def shim_main(path: str, server_env: dict) -> None:
         os.execv(REAL_PYTHON, [REAL_PYTHON, *sys.argv[1:]])
     for sig in FORWARDED:
         signal.signal(sig, lambda signum, frame: _send(pid, signum))
-    while True:
-        try:
-            (status,) = HEADER.unpack(_read(conn, HEADER.size))
-            break
-        except InterruptedError:
-            continue
+    (status,) = HEADER.unpack(_read(conn, HEADER.size))  # recv resumes after a forwarded signal (PEP 475)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # end the way the process did, by its signal
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code)
+
+
+def _runnable(argv: list[str]) -> bool:
+    """`-m MODULE ...`, `-c CODE ...` or `SCRIPT ...`: the forms a child runs."""
+    if not argv:
+        return False
+    return len(argv) >= 2 if argv[0] in ("-m", "-c") else not argv[0].startswith("-")
 
 
 def _fd_is_open(fd: int) -> bool:
