@@ -61,7 +61,7 @@ SFT_GROUP = {"tests.e2e.test_sft", "tests.e2e.test_preference_stages", "tests.e2
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Skip GPU tests without a GPU; with xdist (`scripts/test.sh` runs two workers), keep each module on
+    """Skip GPU tests without a GPU; with xdist workers (`MEGAFLOW_TEST_WORKERS=N`), keep each module on
     one worker (its module-scoped fixtures are built once) and the tiny_sft modules together."""
     for item in items:
         module = item.module.__name__ if item.module is not None else item.nodeid
