@@ -4,6 +4,7 @@ with --preference its preference pairs (the reward-model and DPO tests).
     python tools/make_sft_data.py --corpus data/sample/tinyshakespeare.txt --out data/sample/sft-words \
         [--train 2000 --heldout 200 --seed 0 --tasks copy first last]
     python tools/make_sft_data.py --corpus data/sample/tinyshakespeare.txt --out data/sample/pref-words --preference
+    python tools/make_sft_data.py --corpus data/sample/tinyshakespeare.txt --out data/sample/sft-words-noisy --noise 0.4
 
 Prints the two paths; the files are prompt/response (or prompt/chosen/rejected) jsonl, which
 `megaflow train sft` (`rm`, `dpo`) reads as they are. The same seed and counts give the same prompts in
@@ -30,9 +31,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=ALL_TASKS)
     parser.add_argument("--preference", action="store_true", help="write chosen/rejected pairs (a wrong answer rejected)")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="share of training responses replaced by a wrong answer (the right one kept as `answer`)")
     args = parser.parse_args()
-    write = write_preference_data if args.preference else write_instruction_data
-    for path in write(args.corpus, args.out, args.train, args.heldout, args.seed, tuple(args.tasks)):
+    if args.preference:
+        paths = write_preference_data(args.corpus, args.out, args.train, args.heldout, args.seed, tuple(args.tasks))
+    else:
+        paths = write_instruction_data(args.corpus, args.out, args.train, args.heldout, args.seed, tuple(args.tasks),
+                                       noise=args.noise)
+    for path in paths:
         print(path)
 
 

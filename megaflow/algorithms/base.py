@@ -109,6 +109,8 @@ class Work:
     data_position: Callable | None = None  # consumed samples -> readable breakdown (pretraining blends)
     result: dict = field(default_factory=dict)  # extra fields of eval.json (data summary)
     extra: dict = field(default_factory=dict)  # whatever the stage's own hooks need later
+    step: Callable | None = None  # (trainer, iterators) -> StepResult: one step of the loop (RL: an iteration)
+    optimizer_steps: int | None = None  # optimizer steps of the whole run, for the LR schedule (default train.steps)
 
 
 def pad_multiple(cfg: StageConfig) -> int:

@@ -29,12 +29,14 @@ from megaflow.training.engine import Task, data_parallel_rank_and_size, forward_
 
 
 class ReferenceModel:
-    """Model chunks for this rank's share of the policy's layout, with the weights of `ckpt`, frozen."""
+    """Model chunks for this rank's share of the policy's layout, with the weights of `ckpt`, frozen (a
+    reference policy; with head="scalar", a reward model)."""
 
-    def __init__(self, cfg: StageConfig, vocab_size: int, ckpt: str | Path):
-        tcfg = gpt.transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.fp8_recipe)
+    def __init__(self, cfg: StageConfig, vocab_size: int, ckpt: str | Path, head: str = "lm", model=None):
+        model = model or cfg.model  # another architecture (a reward model's own) in the same layout
+        tcfg = gpt.transformer_config(model, cfg.parallel, cfg.precision, cfg.fp8_recipe)
         tcfg.calculate_per_token_loss = True
-        self.chunks = gpt.build_gpt_chunks(cfg.model, tcfg, vocab_size, attention=cfg.attention)
+        self.chunks = gpt.build_gpt_chunks(model, tcfg, vocab_size, head=head, attention=cfg.attention)
         weights.load_weights(ckpt, self.chunks)
         for chunk in self.chunks:
             chunk.eval()

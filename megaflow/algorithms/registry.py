@@ -18,9 +18,11 @@ STAGES: dict[str, str] = {
     "sft": "megaflow.algorithms.sft",
     "rm": "megaflow.algorithms.rm",
     "dpo": "megaflow.algorithms.dpo",
+    "ppo": "megaflow.algorithms.ppo",
+    "grpo": "megaflow.algorithms.grpo",
     "eval": "megaflow.algorithms.evaluate",
 }
-TRAINING = ("pretrain", "sft", "rm", "dpo")  # what `megaflow train` runs: TrainingStage subclasses
+TRAINING = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")  # what `megaflow train` runs: TrainingStage subclasses
 
 
 def get(name: str) -> Stage:

@@ -101,7 +101,7 @@ def run_training(st: TrainingStage, cfg: StageConfig) -> dict:
 
     parents = [str(init_dir)] if init_dir is not None else []
     meta = stage.final_meta(cfg, work.vocab, 0, 0, parents) | work.meta
-    trainer = Trainer(cfg, work.task, work.vocab, out_dir, meta, work.data_position)
+    trainer = Trainer(cfg, work.task, work.vocab, out_dir, meta, work.data_position, work.optimizer_steps)
     resumed = trainer.maybe_resume()
     if init_dir is not None and not resumed:
         trainer.init_weights_from(init_dir)
@@ -113,7 +113,7 @@ def run_training(st: TrainingStage, cfg: StageConfig) -> dict:
     result = {"resumed": resumed} | work.result
     if make_valid is not None and cfg.eval.final:
         result |= st.before_train(trainer, work, make_valid, resumed)
-    status = trainer.train(lambda consumed: work.iterators(work.train, n_chunks, consumed, True), make_valid)
+    status = trainer.train(lambda consumed: work.iterators(work.train, n_chunks, consumed, True), make_valid, work.step)
     result = {"status": status, "step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen,
               "skipped_steps": trainer.skipped_total} | result
     if status != "done":  # preempted or out of time: the checkpoint is written; the same command resumes

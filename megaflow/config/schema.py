@@ -162,6 +162,19 @@ class PreferenceData(Section):
     valid_fraction: float = Field(0.0, ge=0, lt=1)
 
 
+class PromptData(Section):
+    """How prompt records of the RL stages become prompts (megaflow/data/prompts.py)."""
+
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"  # a conversation; a final assistant turn is the reference answer
+    answer_field: str = "answer"  # the reference answer a reward function gets (else response_field)
+    response_field: str = "response"
+    system_field: str = "system"
+    chat_template: str = "auto"  # auto | builtin | tokenizer | a .jinja path | a Jinja string
+    allow_skip: bool = False
+    valid: list[str] = Field(default_factory=list)  # held-out prompts: reward and exact match before and after
+
+
 class DataConfig(Section):
     train: list[DataSource] = Field(default_factory=list)
     split: list[float] = Field(default_factory=lambda: [98.0, 1.0, 1.0])
@@ -176,6 +189,7 @@ class DataConfig(Section):
     padding: Literal["longest", "max_length"] = "longest"
     sft: SFTData = Field(default_factory=SFTData)
     preference: PreferenceData = Field(default_factory=PreferenceData)
+    prompts: PromptData = Field(default_factory=PromptData)
 
     @model_validator(mode="after")
     def _split(self) -> "DataConfig":
@@ -297,6 +311,69 @@ class DPOConfig(Section):
         return self
 
 
+class RewardConfig(Section):
+    """Where the RL stages' rewards come from: a reward model (a checkpoint of `megaflow train rm`) or a
+    Python function, `file.py:name` or a bundled one (`exact_match`, `words`), called in worker processes
+    with a timeout as fn(prompt, response, answer=..., **other fields of the record) -> float
+    (megaflow.eval.verifiers.py)."""
+
+    model: str | None = None
+    function: str | None = None
+    workers: int = Field(2, ge=0)  # 0: in this process (no timeout)
+    timeout: float = Field(10.0, gt=0)  # seconds per call
+    max_failure_rate: float = Field(0.1, ge=0, le=1)  # of an iteration's calls, past which the stage stops
+
+    @model_validator(mode="after")
+    def _one(self) -> "RewardConfig":
+        if (self.model is None) == (self.function is None):
+            raise ValueError("rl.reward: set exactly one of rl.reward.model (a reward-model checkpoint) and "
+                             "rl.reward.function (file.py:name, exact_match or words)")
+        return self
+
+
+class RLConfig(Section):
+    """PPO and GRPO (megaflow/algorithms/rl.py; the math in rl_losses.py). One iteration (train.steps
+    counts them): `prompts_per_step` prompts, `group_size` samples each, scored; then `epochs` passes over
+    these rollouts in optimizer steps of train.global_batch_size sequences."""
+
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(4, ge=1)  # G samples per prompt (GRPO's group; PPO usually 1)
+    epochs: int = Field(1, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    stop_strings: list[str] = Field(default_factory=list)
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] | None = None  # default: gae (ppo), grpo (grpo)
+    std_normalize: bool = True  # grpo: divide by the group's std (false: Dr. GRPO)
+    whiten_advantages: bool = True  # gae: whiten over the batch
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                              "seq-mean-token-sum-norm"] = "token-mean"
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.2, ge=0)  # clip-higher (DAPO): e.g. 0.28
+    dual_clip: float | None = Field(None, gt=1)
+    entropy_coef: float = Field(0.0, ge=0)
+    kl_loss_coef: float = Field(0.0, ge=0)  # KL(pi || ref) as a loss term (GRPO's)
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_penalty_coef: float = Field(0.0, ge=0)  # KL in the reward (PPO's), per token
+    kl_penalty_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float | None = Field(None, gt=0)  # adaptive KL controller's target (per sequence); None: fixed
+    kl_horizon: int = Field(10000, ge=1)
+    value_clip: float | None = Field(0.2, gt=0)  # ppo's critic
+    critic_lr: float | None = Field(None, gt=0)  # default: train.lr
+    critic_from: str | None = None  # the critic's start (a reward model); default: rl.reward.model
+    dynamic_sampling: bool = False  # drop groups whose rewards all tie; sample more prompts (up to max_resample)
+    max_resample: int = Field(2, ge=0)  # extra rollout rounds per iteration for dynamic sampling
+    overlong: Literal["none", "mask"] = "none"  # mask: responses cut by max_new_tokens carry no loss
+    tis: Literal["none", "token", "sequence"] = "none"  # truncated importance sampling (rollout vs training)
+    tis_cap: float = Field(2.0, gt=0)
+    max_logprob_gap: float | None = Field(1e-3, gt=0)  # k3(training || rollout) per token past which the stage stops
+    reward: RewardConfig | None = None
+    reference_from: str | None = None  # default: init_from
+
+
 class StageConfig(Section):
     """One stage's whole configuration. `stage` is filled in by the command that runs it."""
 
@@ -316,6 +393,7 @@ class StageConfig(Section):
     init_from: str | None = None
     rm: RMConfig = Field(default_factory=RMConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
 
     @property
     def model_from_init(self) -> bool:

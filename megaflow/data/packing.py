@@ -35,17 +35,17 @@ import torch
 ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")  # the [b, s] entries of a batch
 
 
-def trim_padding(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+def trim_padding(batch: dict[str, torch.Tensor], multiple: int, keys: Sequence[str] = ROW_KEYS) -> dict[str, torch.Tensor]:
     """A batch of right-padded rows cut after its longest row's last token, rounded up to `multiple` (and
     never longer than it was). The positions cut carry no loss, and causal attention never lets a kept
     position see them, so every kept position computes what it did in the full row: only the padding's
-    compute is saved (TRL's and HF's `padding="longest"`)."""
+    compute is saved (TRL's and HF's `padding="longest"`). `keys` are the batch's [b, s] entries."""
     length = batch["segment_ids"].shape[1]
     used = int((batch["segment_ids"] > 0).sum(1).max())  # right-padded: each row's tokens are a prefix
     keep = min(length, -(-max(used, 1) // multiple) * multiple)
     if keep == length:
         return batch
-    return batch | {k: batch[k][:, :keep] for k in ROW_KEYS if k in batch}
+    return batch | {k: batch[k][:, :keep] for k in keys if k in batch}
 
 
 def pack(lengths: Sequence[int], capacity: int, packing: bool = True) -> list[list[int]]:

@@ -66,10 +66,14 @@ def _example(task: str, rng: random.Random, words: list[str], n_words: int) -> t
 
 def make_instruction_data(corpus_text: str, n_train: int = 2000, n_heldout: int = 200, seed: int = 0,
                           tasks: tuple[str, ...] = DEFAULT_TASKS, vocab: int = 30,
-                          n_words: int = 3) -> tuple[list[dict], list[dict]]:
+                          n_words: int = 3, noise: float = 0.0) -> tuple[list[dict], list[dict]]:
     """(train, held-out) records {"prompt", "response", "task"}: tasks in turn, `n_words` of the `vocab`
     most common corpus words per prompt, no prompt in both sets (nor twice in one). Raises ValueError if
-    the corpus has too few words for the requested counts."""
+    the corpus has too few words for the requested counts.
+
+    With `noise` > 0, that share of the training responses is a plausible wrong answer (wrong_answer) and
+    every training record keeps the right one as `answer`: demonstrations an imitator plateaus on and a
+    verifier (RL with an exact-match reward) sees through. Held-out records stay right."""
     words = common_words(corpus_text, vocab)
     if len(words) < max(8, n_words):
         raise ValueError(f"the corpus has only {len(words)} distinct words of 3-8 letters; need at least 8")
@@ -87,6 +91,10 @@ def make_instruction_data(corpus_text: str, n_train: int = 2000, n_heldout: int 
                 continue
             seen.add(prompt)
             splits[split].append({"prompt": prompt, "response": answer, "task": task})
+    if noise:
+        flip = random.Random(seed + 2)
+        splits[0] = [r | {"answer": r["response"]} | ({"response": wrong_answer(r["task"], r["prompt"], r["response"], flip)}
+                                                      if flip.random() < noise else {}) for r in splits[0]]
     return splits[0], splits[1]
 
 
@@ -140,7 +148,7 @@ def write_preference_data(corpus: str | Path, out_dir: str | Path, n_train: int 
 
 
 def write_instruction_data(corpus: str | Path, out_dir: str | Path, n_train: int = 2000, n_heldout: int = 200,
-                           seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS) -> tuple[Path, Path]:
+                           seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS, noise: float = 0.0) -> tuple[Path, Path]:
     """Write OUT_DIR/train.jsonl and OUT_DIR/heldout.jsonl (each written whole, then renamed into place)."""
     text = Path(corpus).read_text(encoding="utf-8", errors="replace")
-    return _write_jsonl(out_dir, *make_instruction_data(text, n_train, n_heldout, seed, tasks))
+    return _write_jsonl(out_dir, *make_instruction_data(text, n_train, n_heldout, seed, tasks, noise=noise))

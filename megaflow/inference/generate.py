@@ -24,9 +24,11 @@ vocabulary rows are never sampled. The sampled tokens and their log-probs are br
 stage (its TP source rank) to every rank of the replica, so each rank returns the same completions.
 
 Log-probs are `log_softmax` over all (padded) logits at temperature 1: the same normalisation as the
-training loss (-CE), whatever temperature / top-k / top-p shaped the sampling. For PPO's "old" log-probs
-use `scoring.logprobs_of` on the finished sequences: that *is* the training forward (same batch shapes,
-no KV cache), so ratios start at exactly 1.
+training loss (-CE), whatever temperature / top-k / top-p shaped the sampling; with `scaled_logprobs`,
+of the temperature-scaled logits (the distribution sampled from before top-k/top-p truncation): the
+behaviour log-probs of the RL stages, which compare them with their training forward's
+(megaflow.algorithms.rl). `row_seeds` gives every row its own generator, so a row's tokens do not depend
+on which other rows share its batch (a data-parallel split samples what one process does).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     stop_strings: list[str] = field(default_factory=list)
+    scaled_logprobs: bool = False  # log-probs of logits / temperature (RL's behaviour policy), not of the logits
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -109,13 +112,18 @@ def default_stop_ids(tokenizer) -> list[int]:
 
 
 def sample_next(logits: torch.Tensor, vocab_size: int, params: SamplingParams,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | list[torch.Generator] | None,
+                active: Sequence[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [b] and their log-probs [b] from last-position logits [b, padded_vocab] (fp32).
 
-    Log-probs are normalised over all logits (the training loss's normalisation); the choice is made among
-    the first `vocab_size` ids only (the rest are megatron's padding rows)."""
+    Log-probs are normalised over all logits (the training loss's normalisation), divided by the
+    temperature first with `params.scaled_logprobs`; the choice is made among the first `vocab_size` ids
+    only (the rest are megatron's padding rows). A list of generators samples row i with generator i, and
+    only the rows `active` says take a token now (a row still in its prompt or finished draws nothing, so its
+    samples do not depend on the other rows of the batch); the others get their argmax."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    scaled = params.scaled_logprobs and not params.is_greedy
+    logprobs = torch.log_softmax(logits / params.temperature if scaled else logits, dim=-1)
     scores = logits[:, :vocab_size]
     if params.is_greedy:
         tokens = scores.argmax(dim=-1)
@@ -132,7 +140,13 @@ def sample_next(logits: torch.Tensor, vocab_size: int, params: SamplingParams,
             drop[:, 0] = False
             scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
         probs = torch.softmax(scores, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if isinstance(generator, list):
+            tokens = probs.argmax(dim=-1)
+            for i, g in enumerate(generator):
+                if active is None or active[i]:
+                    tokens[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+        else:
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
@@ -172,7 +186,8 @@ def _holdback(text: str, stop_strings: list[str]) -> int:
 
 
 def generate(model: InferenceModel, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
-             *, use_cache: bool = True, on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+             *, use_cache: bool = True, on_text: Callable[[int, str], None] | None = None,
+             row_seeds: Sequence[int] | None = None) -> list[Completion]:
     """Complete every prompt (text, or token ids) in one batch; returns one Completion per prompt.
 
     Every rank of a model replica (its TP and PP ranks) must call this with the same prompts and params.
@@ -204,7 +219,11 @@ def generate(model: InferenceModel, prompts: Sequence[str | Sequence[int]], para
 
     device = model.device
     generator = None
-    if not params.is_greedy:
+    if not params.is_greedy and row_seeds is not None:
+        if len(row_seeds) != batch:
+            raise ValueError(f"{len(row_seeds)} row seeds for {batch} prompts")
+        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
+    elif not params.is_greedy:
         generator = torch.Generator(device=device)
         if params.seed is None:
             generator.seed()
@@ -217,7 +236,8 @@ def generate(model: InferenceModel, prompts: Sequence[str | Sequence[int]], para
             logits = _step_logits(model, tokens, prev, cur, context)
             packed = torch.zeros(2, batch, dtype=torch.float64, device=device)
             if logits is not None:
-                next_tokens, logprobs = sample_next(logits, model.vocab_size, params, generator)
+                active = [not r.done and lengths[i] <= cur for i, r in enumerate(rows)]
+                next_tokens, logprobs = sample_next(logits, model.vocab_size, params, generator, active)
                 packed[0], packed[1] = next_tokens.to(torch.float64), logprobs.to(torch.float64)
             packed = model.broadcast_from_last_stage(packed).cpu()
             for i, row in enumerate(rows):

@@ -226,6 +226,64 @@ def loss_at_positions(loss_mask: torch.Tensor):
     return process
 
 
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per row, from this TP rank's shard of the vocabulary [..., V/tp]:
+
+        H = log Z - sum_v p_v z_v,   Z = sum_v exp(z_v)      (sums over every shard)
+
+    The shards' partial sums are all-reduced with megatron's reduce-from-TP mapping, whose backward is the
+    identity, so the gradient is exact (every rank computes the same H from the reduced sums)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    z = logits.float()
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    top = z.max(dim=-1, keepdim=True).values.detach()
+    if tp > 1:
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    e = torch.exp(z - top)
+    sums = torch.stack([e.sum(-1), (e * z).sum(-1)], dim=-1)
+    if tp > 1:
+        sums = reduce_from_tensor_model_parallel_region(sums)
+    return torch.log(sums[..., 0]) + top.squeeze(-1) - sums[..., 1] / sums[..., 0]
+
+
+def token_logps_at_positions(loss_mask: torch.Tensor, temperature: float = 1.0, entropy: bool = False):
+    """A GPTModel `output_processor` for the RL stages: per-token log-probs of the labels under
+    softmax(logits / temperature) (the distribution the rollout sampled from) at the positions where
+    `loss_mask` ([b, s]) is set, [b, s] and zero elsewhere; with `entropy`, [b, s, 2] holding the
+    log-probs and the entropy of that distribution. Under sequence parallelism every position is computed
+    (each TP rank holds a slice of the sequence; the output layer gathers it)."""
+    b, s = loss_mask.shape
+
+    def process(*, hidden_states, output_layer, output_weight, labels, compute_language_model_loss, **_):
+        if getattr(output_layer, "sequence_parallel", False):  # the whole [s, b] grid
+            logits, _ = output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
+            logits = logits.float() / temperature
+            parts = [vocab_parallel_entropy(logits).transpose(0, 1)] if entropy else []
+            # megatron's cross entropy works in place on its input: the entropy reads a copy's original
+            parts.insert(0, -compute_language_model_loss(labels, logits.clone() if entropy else logits))  # [b, s]
+            out = torch.stack(parts, dim=-1)
+            return out if entropy else out[..., 0]
+        keep = loss_mask.reshape(-1) > 0
+        if not keep.any():  # nothing to score: one position keeps the shapes
+            keep = keep.clone()
+            keep[0] = True
+        flat = hidden_states.transpose(0, 1).reshape(b * s, 1, -1)  # [s, b, h] -> [b*s, 1, h]
+        logits, _ = output_layer(flat[keep], weight=output_weight)  # [n, 1, V/tp]
+        logits = logits.float() / temperature
+        parts = [vocab_parallel_entropy(logits[:, 0, :])] if entropy else []
+        ce = compute_language_model_loss(labels.reshape(1, -1)[:, keep], logits.clone() if entropy else logits)
+        parts.insert(0, -ce.reshape(-1))
+        picked = torch.stack(parts, dim=-1)
+        out = torch.zeros(b * s, len(parts), dtype=picked.dtype, device=picked.device)
+        out[keep] = picked
+        out = out.reshape(b, s, len(parts))
+        return out if entropy else out[..., 0]
+
+    return process
+
+
 HEADS = ("lm", "scalar")
 
 

@@ -20,6 +20,8 @@ HEADLINE = {
     "rm": ("valid_accuracy", "valid_margin", "valid_loss"),
     "dpo": ("before_rewards_accuracies", "valid_rewards_accuracies", "before_rewards_margins",
             "valid_rewards_margins", "valid_kl_chosen"),
+    "ppo": ("before_exact_match", "valid_exact_match", "before_reward", "valid_reward"),
+    "grpo": ("before_exact_match", "valid_exact_match", "before_reward", "valid_reward"),
 }
 EVAL_COLUMNS = ("ppl", "exact_match", "reward", "win_rate_vs_{ref}", "kl_to_{ref}")
 
@@ -81,7 +83,7 @@ def _plots(pipeline: Pipeline, run_dir: Path) -> list[str]:
             train = [(ln["step"], ln["loss"]) for ln in lines if "split" not in ln and "loss" in ln]
             valid = [(ln["step"], ln["loss"]) for ln in lines if ln.get("split") == "valid" and "loss" in ln]
             extra = {k: [(ln["step"], ln[k]) for ln in lines if "split" not in ln and k in ln]
-                     for k in ("accuracy", "rewards/accuracies", "rewards/margins", "kl/chosen")}
+                     for k in ("accuracy", "rewards/accuracies", "rewards/margins", "kl/chosen", "reward/mean", "kl/ref")}
             if train:
                 curves[name] = (train, valid, {k: v for k, v in extra.items() if v})
     plots = run_dir / "plots"

@@ -152,3 +152,24 @@ def is_rank0() -> bool:
 def print_rank0(*args, **kwargs) -> None:
     if is_rank0():
         print(*args, **kwargs, flush=True)
+
+
+def gather_over_data_parallel(obj) -> list:
+    """Every data-parallel replica's `obj` (picklable), in replica order, on every rank."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    out = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` (picklable) on every rank."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -238,8 +238,8 @@ def load_checkpoint(ckpt_dir: Path, model_chunks, optimizer, scheduler, layout: 
     if keep_optimizer:
         with torch.no_grad():  # fp32 main params are views of the model's own
             optimizer.load_state_dict(loaded["optimizer"])
-        extra = loaded["extra"]
-        _restore_adam_steps(optimizer, extra["step"] - extra.get("skipped_total", 0))
+        extra = loaded["extra"]  # optimizer updates so far: an RL iteration takes several (older checkpoints: one a step)
+        _restore_adam_steps(optimizer, extra.get("updates", extra["step"] - extra.get("skipped_total", 0)))
     scheduler.load_state_dict(loaded["scheduler"])
     if same_rng_layout:
         _restore_rng(loaded["rng_state"])

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from megaflow.config.schema import StageConfig
 from megaflow.errors import RunFailed
-from megaflow.models import gpt, size, weights
+from megaflow.models import gpt, manifest, size, weights
 from megaflow.runtime import distributed as dist
 from megaflow.training import checkpoint, faults
 from megaflow.training.metrics import MetricsWriter, open_wandb, peak_flops
@@ -40,6 +40,7 @@ class Task:
     rows_per_sample: int = 1  # rows of a micro-batch per sample: 2 for preference pairs (chosen, rejected)
     row_length_factor: int = 1  # rows of this many times data.seq_length: 2 for packed pairs
     head: str = "lm"  # the model's output: "lm" (vocabulary logits) or "scalar" (megaflow.models.gpt)
+    progress: tuple[str, ...] = ()  # step metrics the progress bar shows beside the loss (RL: the mean reward)
 
     def forward_step(self, data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         raise NotImplementedError
@@ -50,7 +51,18 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     tokens_seen: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # a stage's own state (RL: the KL controller), in every checkpoint
+
+
+@dataclass
+class StepResult:
+    """What one step of the loop did: its metrics, the positions and FLOPs it ran (for tok/s and MFU) and
+    the samples it consumed (the data position a checkpoint records)."""
+
+    metrics: dict
+    positions: int
+    flops: float
+    samples: int
 
 
 def data_parallel_rank_and_size() -> tuple[int, int]:
@@ -187,7 +199,7 @@ class Trainer:
     """Owns the model, optimizer and schedule of one stage and runs its loop."""
 
     def __init__(self, cfg: StageConfig, task: Task, vocab_size: int, stage_dir: Path, meta: dict | None = None,
-                 data_position: Callable[[int], dict] | None = None):
+                 data_position: Callable[[int], dict] | None = None, optimizer_steps: int | None = None):
         from megatron.core.distributed import finalize_model_grads
 
         self.cfg, self.task, self.vocab_size, self.stage_dir = cfg, task, vocab_size, stage_dir
@@ -198,7 +210,7 @@ class Trainer:
                          f"(tp={p.tp} pp={p.pp}, {cfg.precision}) and its optimizer")
         self.model, self.tcfg = build_model(cfg, vocab_size, task.head)
         self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scheduler = build_scheduler(cfg, self.optimizer, optimizer_steps)
         one = len(self.model) == 1
         self.tcfg.no_sync_func = self.model[0].no_sync if one else [m.no_sync for m in self.model]
         self.tcfg.finalize_model_grads_func = finalize_model_grads
@@ -221,7 +233,9 @@ class Trainer:
         self.layout = actual_layout(cfg)
         self.bad_steps = 0  # consecutive non-finite steps
         self.skipped_total = 0
+        self.updates = 0  # optimizer steps applied (an RL iteration takes several): Adam's step count on resume
         self.stop_signal: str | None = None
+        self.companions: list[Trainer] = []  # other trainable models of the stage (PPO's critic), saved with it
         self.optimizer_format = checkpoint.optimizer_format(cfg.checkpoint.optimizer_format)
         weights.prepare_saves(cfg.checkpoint.async_save)  # now, rather than as a stall of the first save
         self.async_saves = None
@@ -253,6 +267,7 @@ class Trainer:
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self.bad_steps = 0
+            self.updates += int(bool(ok))
         else:
             ok, grad_norm = False, float("nan")
             self.bad_steps += 1
@@ -288,8 +303,11 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def save(self, timings: dict | None = None) -> Path:
+        for other in self.companions:  # first: a crash between the two leaves theirs one step ahead, never behind
+            other.state = TrainState(self.state.step, self.state.consumed_samples, self.state.tokens_seen)
+            other.save()
         extra = {"consumed_samples": self.state.consumed_samples, "tokens_seen": self.state.tokens_seen,
-                 "skipped_total": self.skipped_total}
+                 "skipped_total": self.skipped_total, "updates": self.updates, "state": self.state.extra}
         if self.data_position is not None:
             extra["consumed_per_dataset"] = self.data_position(self.state.consumed_samples)
         meta = {**self.meta, "stage": self.cfg.stage, "step": self.state.step, "tokens_seen": self.state.tokens_seen,
@@ -319,18 +337,45 @@ class Trainer:
             return False
         extra = checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.layout,
                                            warn=dist.print_rank0)
-        self.state = TrainState(extra["step"], extra["consumed_samples"], extra.get("tokens_seen", 0))
+        self.state = TrainState(extra["step"], extra["consumed_samples"], extra.get("tokens_seen", 0),
+                                dict(extra.get("state", {})))
         self.skipped_total = extra.get("skipped_total", 0)
+        self.updates = extra.get("updates", self.state.step - self.skipped_total)
         self.metrics.truncate_after(self.state.step)
         dist.print_rank0(f"resumed from {ckpt} at step {self.state.step}")
         return True
 
+    def resume_companion(self, other: "Trainer") -> bool:
+        """Load `other`'s checkpoint of this trainer's step (a companion saved with it); False on a fresh start."""
+        if self.state.step == 0:
+            return False
+        ckpt = other.ckpt_root / f"iter_{self.state.step:07d}"
+        problem = manifest.verify(ckpt) if ckpt.is_dir() else f"{ckpt} is missing"
+        if problem is not None:
+            raise RunFailed(f"resuming step {self.state.step}: the checkpoint of {other.stage_dir.name} is not usable "
+                            f"({problem}); move {self.ckpt_root} away to start over")
+        extra = checkpoint.load_checkpoint(ckpt, other.model, other.optimizer, other.scheduler, other.layout,
+                                           warn=dist.print_rank0)
+        other.state = TrainState(self.state.step, self.state.consumed_samples, self.state.tokens_seen)
+        other.skipped_total, other.updates = extra.get("skipped_total", 0), extra.get("updates", 0)
+        dist.print_rank0(f"resumed {other.stage_dir.name} from {ckpt}")
+        return True
+
     # -- the loop -------------------------------------------------------------------------------------
 
+    def step(self, iterators: list[Iterator]) -> StepResult:
+        """One step of the loop: one optimizer step over a global batch (an RL stage's `step` hook does a
+        whole iteration: rollouts, scores, then its updates)."""
+        m = self.train_step(iterators)
+        positions, flops = self._step_work(iterators)
+        return StepResult(m, positions, flops, self.cfg.train.global_batch_size)
+
     def train(self, make_train_iterators: Callable[[int], list[Iterator]],
-              make_valid_iterators: Callable[[], list[Iterator]] | None) -> str:
-        """Run to `train.steps`. Returns "done", or "stopped" when a signal (SIGTERM/SIGUSR1) or
-        `train.max_minutes` ended the run early after saving a checkpoint to resume from."""
+              make_valid_iterators: Callable[[], list[Iterator]] | None,
+              step: Callable[["Trainer", list[Iterator]], StepResult] | None = None) -> str:
+        """Run to `train.steps`, each step `step(self, iterators)` (default: Trainer.step). Returns "done",
+        or "stopped" when a signal (SIGTERM/SIGUSR1) or `train.max_minutes` ended the run early after
+        saving a checkpoint to resume from."""
         cfg = self.cfg
         iterators = make_train_iterators(self.state.consumed_samples)
         start_time = time.time()
@@ -340,11 +385,11 @@ class Trainer:
         with _stop_on_signals(self):
             while self.state.step < cfg.train.steps:
                 t0 = time.perf_counter()
-                m = self.train_step(iterators)
+                done = step(self, iterators) if step is not None else self.step(iterators)
                 dt = time.perf_counter() - t0
+                m, positions, flops = done.metrics, done.positions, done.flops
                 self.state.step += 1
-                self.state.consumed_samples += cfg.train.global_batch_size
-                positions, flops = self._step_work(iterators)
+                self.state.consumed_samples += done.samples
                 self.state.tokens_seen += positions
                 m |= {"step_time": dt, "tok_per_s": positions / dt, "mfu": flops / dt / self.peak,
                       "tokens_seen": self.state.tokens_seen}
@@ -353,7 +398,8 @@ class Trainer:
                 if self.state.step % cfg.run.log_every == 0 or self.state.step == cfg.train.steps:
                     self.metrics.log(self.state.step, m)
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tok_per_s']:.0f}", mfu=f"{100 * m['mfu']:.1f}%")
+                shown = {k.split("/")[0]: f"{m[k]:.3f}" for k in self.task.progress if k in m}
+                bar.set_postfix(loss=f"{m['loss']:.4f}", **shown, tok_s=f"{m['tok_per_s']:.0f}", mfu=f"{100 * m['mfu']:.1f}%")
                 self._after_step(bar, make_valid_iterators)
                 if self._should_stop(start_time):
                     bar.close()
@@ -428,6 +474,8 @@ class Trainer:
             (self.stage_dir / name).write_text(json.dumps(payload, indent=2) + "\n")
 
     def close(self) -> None:
+        for other in self.companions:
+            other.close()
         if self.async_saves is not None:
             self.async_saves.close()
         self.metrics.close()

@@ -5,6 +5,7 @@ wants it (mid-run, during a save, on a NaN). Kinds:
     nan           the step's loss and gradients become NaN
     kill          SIGKILL right after the step (no chance to save)
     kill_in_save  SIGKILL while the checkpoint of that step is half written
+    kill_in_step  SIGKILL in the middle of the step (an RL iteration: its rollouts scored, no update yet)
     sigterm       SIGTERM to this process after the step (what SLURM sends before a preemption)
     pause         after the step, wait (at most 60 s) until a stop signal arrives: a window in which a
                   test's own signal lands at a known step; "fault: paused after step N" on stderr says when
@@ -18,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
-KINDS = ("nan", "kill", "kill_in_save", "sigterm", "pause")
+KINDS = ("nan", "kill", "kill_in_save", "kill_in_step", "sigterm", "pause")
 
 
 def _parse(spec: str) -> set[tuple[str, str, int]]:

@@ -24,7 +24,7 @@ PREF_DATA = REPO / "data" / "sample" / "pref-words"
 
 
 def micro_pipeline(root: Path, corpus: Path) -> Path:
-    """tokenizer -> preprocess -> pretrain -> sft -> rm, dpo -> eval, each a few steps with checkpoints."""
+    """tokenizer -> preprocess -> pretrain -> sft -> rm, dpo, grpo -> eval, each a few steps with checkpoints."""
     path = root / "micro.yaml"
     path.write_text(f"""
 run: {{name: micro, dir: {root / 'run'}}}
@@ -57,6 +57,13 @@ stages:
     init_from: ${{stages.sft.output}}
     data: {{train: [{{path: {PREF_DATA / 'train.jsonl'}}}], preference: {{valid: [{PREF_DATA / 'heldout.jsonl'}]}}}}
     train: {{steps: 4, warmup_steps: 1, micro_batch_size: 8}}
+    checkpoint: {{every: 2}}
+  grpo:
+    config: {STAGES / 'grpo-tiny.yaml'}
+    init_from: ${{stages.sft.output}}
+    data: {{train: [{{path: {SFT_DATA / 'train.jsonl'}}}], prompts: {{valid: [{SFT_DATA / 'heldout.jsonl'}]}}}}
+    train: {{steps: 4, micro_batch_size: 8, global_batch_size: 8}}
+    rl: {{prompts_per_step: 4, group_size: 2, max_new_tokens: 4, reward: {{function: words, workers: 1}}}}
     checkpoint: {{every: 2}}
   eval:
     models: {{pretrain: "${{stages.pretrain.output}}", sft: "${{stages.sft.output}}", dpo: "${{stages.dpo.output}}"}}
@@ -132,7 +139,7 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
     root, _ = baseline
     run_dir = root / "run"
     rec = _record(run_dir)
-    assert list(rec) == ["tokenizer", "preprocess", "pretrain", "sft", "rm", "dpo", "eval"]
+    assert list(rec) == ["tokenizer", "preprocess", "pretrain", "sft", "rm", "dpo", "grpo", "eval"]
     assert all(r["status"] == "done" for r in rec.values())
     models = json.loads((run_dir / "eval" / "eval.json").read_text())["models"]
     assert set(models) == {"pretrain", "sft", "dpo"}
@@ -144,7 +151,7 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
     # the eval stage's perplexity of the pretrained model is its own final validation perplexity
     assert models["pretrain"]["ppl"] == pytest.approx(rec["pretrain"]["metrics"]["valid_ppl"], rel=1e-4)
     # W&B (offline): every training stage's logged steps, as in its metrics.jsonl; eval's metrics per model
-    for stage in ("pretrain", "sft", "rm", "dpo"):
+    for stage in ("pretrain", "sft", "rm", "dpo", "grpo"):
         logged = _wandb_history(run_dir / stage)
         for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
@@ -166,7 +173,8 @@ def test_crashes_and_a_kill_9_resume_to_the_same_metrics(baseline, tmp_path, cor
     expected = _metrics(baseline[0] / "run")
     path = micro_pipeline(tmp_path, corpus)
     run_dir = tmp_path / "run"
-    for fault, stage in [("kill@pretrain:3", "pretrain"), ("kill@rm:3", "rm"), ("kill@dpo:3", "dpo")]:
+    for fault, stage in [("kill@pretrain:3", "pretrain"), ("kill@rm:3", "rm"), ("kill@dpo:3", "dpo"),
+                         ("kill_in_step@grpo:3", "grpo")]:
         proc = run_megaflow("run", str(path), cwd=tmp_path, env={"MEGAFLOW_FAULT": fault})
         assert proc.returncode != 0 and f"stage {stage} failed" in proc.stderr, proc.stderr[-2000:]
         assert _record(run_dir)[stage]["status"] == "failed"
@@ -204,9 +212,10 @@ def test_crashes_and_a_kill_9_resume_to_the_same_metrics(baseline, tmp_path, cor
     proc = run_megaflow("run", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     actions = _actions(proc.stdout)
-    assert actions["dpo"] == "resume" and actions["sft"] == "skip", proc.stdout
+    assert actions["grpo"] == "resume" and actions["dpo"] == "skip" and actions["sft"] == "skip", proc.stdout
     rec = _record(run_dir)
     assert rec["pretrain"]["attempts"] == 2 and rec["sft"]["attempts"] == 3 and rec["dpo"]["attempts"] == 2
+    assert rec["grpo"]["attempts"] == 2
     got = _metrics(run_dir)
     for stage in expected:
         for k, v in expected[stage].items():

@@ -458,6 +458,20 @@ def test_synthetic_instruction_data_is_exact_deterministic_and_disjoint(tmp_path
     assert len(sft.load_conversations([str(a[0])], sft.SFTDataOptions())) == 50
 
 
+def test_noisy_demonstrations_keep_the_right_answer():
+    """noise=0.4: about 40% of the training responses wrong, every record's `answer` right, held-out clean,
+    the prompts those of the clean set; the bundled file is this generator's output."""
+    text = SAMPLE.read_text()
+    clean, clean_held = make_instruction_data(text, 2000, 200, seed=0)
+    noisy, held = make_instruction_data(text, 2000, 200, seed=0, noise=0.4)
+    assert held == clean_held and [r["prompt"] for r in noisy] == [r["prompt"] for r in clean]
+    assert all(r["answer"] == c["response"] for r, c in zip(noisy, clean))
+    wrong = sum(r["response"] != r["answer"] for r in noisy) / len(noisy)
+    assert 0.35 < wrong < 0.45
+    bundled = [json.loads(line) for line in (SAMPLE.parent / "sft-words-noisy" / "train.jsonl").read_text().splitlines()]
+    assert bundled == noisy
+
+
 
 def test_trim_padding_cuts_after_the_longest_row_to_a_multiple():
     seg = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 2, 2, 2, 0, 0, 0]])
