@@ -55,6 +55,7 @@ Clusters Using Megatron-LM", appendix):
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -205,10 +206,12 @@ class Memory:
     optimizer: float
     activations: float
     overhead: float
+    other_models: float = 0.0  # RL: the frozen reference and reward model, PPO's critic with its grads and optimizer
+    kv_cache: float = 0.0  # RL: the rollouts' keys and values
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.overhead
+        return self.weights + self.grads + self.optimizer + self.activations + self.overhead + self.other_models + self.kv_cache
 
 
 def estimate_memory(model: ModelConfig, lay: Layout, vocab_size: int,
@@ -224,6 +227,31 @@ def estimate_memory(model: ModelConfig, lay: Layout, vocab_size: int,
         out.append(Memory(name, n, w * n, g * n, o * n / shards, activation_bytes(model, lay, rank, vocab_size),
                           overhead_gib * GiB))
     return out
+
+
+def add_rl_memory(cfg: StageConfig, lay: Layout, memory: list[Memory]) -> tuple[list[Memory], list[str]]:
+    """The RL stages (ppo, grpo) hold more than the actor, all in its layout (megaflow/algorithms/rl.py):
+
+        reference   w·P_rank                     frozen, the actor's shape
+        reward      w·P_rank                     a reward model (rl.reward.model), sized as the actor
+        critic      (w + g + o/shards)·P_rank    PPO's (GAE advantages), sized as the actor
+        KV cache    2·(L/p)·B·s·(g·d/t)·e        B = prompts_per_step·group_size/dp rollouts per replica
+
+    Returns the memory with these added, and a note on what is assumed."""
+    r, m = cfg.rl, cfg.model
+    w, g, o = state_bytes_per_param(lay.precision)
+    shards = lay.dp * lay.cp if lay.distributed_optimizer else 1
+    critic = cfg.stage == "ppo" and (r.advantage or "gae") == "gae"
+    reward_model = r.reward is not None and r.reward.model is not None
+    rollouts = r.prompts_per_step * r.group_size / max(1, lay.dp)
+    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    kv = 2 * m.num_layers / lay.pp * rollouts * lay.seq_length * m.query_groups * d / lay.tp * _element_bytes(lay)
+    memory = [dataclasses.replace(mem, kv_cache=kv, other_models=w * mem.params * (1 + reward_model)
+                                  + (w + g + o / shards) * mem.params * critic) for mem in memory]
+    models = ["reference"] + ["reward model"] * reward_model + ["critic"] * critic
+    name = cfg.stage if cfg.stage in ("ppo", "grpo") else "rl"
+    return memory, [f"{name}: {', '.join(models)} counted at the actor's size (other models), and the KV cache of "
+                    f"{rollouts:g} rollouts of {lay.seq_length} positions per replica"]
 
 
 # ---------------------------------------------------------------------------------------------- compute
@@ -288,7 +316,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         gib = lambda x: round(x / GiB, 3)  # noqa: E731
-        c, parts = self.compute, ("weights", "grads", "optimizer", "activations", "overhead", "total")
+        c = self.compute
+        parts = ("weights", "grads", "optimizer", "activations", "overhead", "other_models", "kv_cache", "total")
         return {
             "model": self.model.model_dump(mode="json", exclude={"preset"}) | {"padded_vocab_size": self.vocab_size},
             "layout": asdict(self.layout) | {"gpus": self.layout.gpus, "pipeline_bubble": self.layout.bubble},
@@ -368,8 +397,11 @@ def make_plan(cfg: StageConfig, *, gpus: int | None = None, gpu_memory_gib: floa
                      "no memory saved here")
     if cfg.precision == "fp8":
         notes.append("fp8: Transformer Engine's cached FP8 weight copies (1-2 B per linear weight) are not counted")
-    return Plan(m, lay, vocab, pc, published, estimate_memory(m, lay, vocab, overhead_gib), gpu_memory_gib,
-                compute, notes)
+    memory = estimate_memory(m, lay, vocab, overhead_gib)
+    if cfg.stage in ("ppo", "grpo") or "rl" in cfg.model_fields_set:  # a stage file with an rl section: RL
+        memory, more = add_rl_memory(cfg, lay, memory)
+        notes += more
+    return Plan(m, lay, vocab, pc, published, memory, gpu_memory_gib, compute, notes)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -419,6 +451,11 @@ def format_plan(plan: Plan, title: str = "") -> str:
         row(f"optimizer ({o} B/param{f' / {shards}' if shards > 1 else ''})", *gib("optimizer")),
         row("activations", *gib("activations")),
         row("overhead (allowance)", *gib("overhead")),
+    ]
+    if any(s.other_models or s.kv_cache for s in plan.memory):
+        lines += [row("other models (RL: reference, RM, critic)", *gib("other_models")),
+                  row("rollout KV cache (RL)", *gib("kv_cache"))]
+    lines += [
         row("total", *gib("total")),
     ]
     headroom = plan.gpu_memory_gib - plan.peak.total / GiB

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The embedded demo: the whole tiny pipeline (configs/pipelines/tiny.yaml) on bundled data, about 4
+# The embedded demo: the whole tiny pipeline (configs/pipelines/tiny.yaml) on bundled data, about 6
 # minutes on 2 CPU cores: a byte-level BPE tokenizer, tinyshakespeare preprocessed into megatron indexed
-# files, the ~2M-parameter tiny model pretrained, fine-tuned on megaflow's generated instructions, a reward
-# model and DPO on generated preference pairs, and every model evaluated on the same held-out sets.
+# files, the ~2M-parameter tiny model pretrained, fine-tuned on megaflow's generated instructions (40% of
+# the demonstrations wrong), a reward model and DPO on generated preference pairs, GRPO with an exact-match
+# reward, and every model evaluated on the same held-out sets.
 # Extra arguments go to `megaflow run`, e.g.:
 #   bash scripts/demo.sh --dry-run                  # what would run, and why
 #   bash scripts/demo.sh sft.train.steps=200        # a stage's override: that stage and what follows rerun

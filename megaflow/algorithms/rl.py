@@ -23,7 +23,7 @@ response was cut at max_new_tokens carries no loss; its group's statistics use t
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -33,23 +33,20 @@ import torch
 
 from megaflow.algorithms import rl_losses as L
 from megaflow.algorithms.base import Work, pad_multiple
+from megaflow.algorithms.rollouts import (ActorTask, CriticTask, RolloutDataset, collate, last_values,
+                                          on_device, token_logps, values_of)
 from megaflow.algorithms.runner import TrainingStage
 from megaflow.config import StageConfig
 from megaflow.data.chat import ChatTemplate, chat_tokenizer
-from megaflow.data.packing import trim_padding
 from megaflow.data.prompts import Prompt, PromptDataOptions, load_prompts
 from megaflow.data.records import DataSummary, files_key
 from megaflow.data.sampler import MicroBatches
 from megaflow.errors import RunFailed, UserError
-from megaflow.models import gpt, size
+from megaflow.models import size
 from megaflow.runtime import distributed as dist
 from megaflow.training import faults, init_from
 from megaflow.training.collect import collect
-from megaflow.training.engine import StepResult, Task, Trainer, data_parallel_rank_and_size
-
-ROW_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "position_ids", "train_mask", "old_logps", "ref_logps",
-            "advantages", "is_weight", "returns", "old_values")
-
+from megaflow.training.engine import StepResult, Trainer, data_parallel_rank_and_size
 
 class RewardFailed(RunFailed):
     """More reward calls failed than rl.reward.max_failure_rate allows."""
@@ -58,140 +55,6 @@ class RewardFailed(RunFailed):
 class LogprobGap(RunFailed):
     """The rollout's log-probs and the training forward's of the same tokens are too far apart."""
 
-
-# --- rollouts as training rows ---------------------------------------------------------------------
-
-
-class RolloutDataset:
-    """Rollouts (prompt + response ids) as right-padded rows of seq_length positions: tokens = seq[:-1],
-    labels = seq[1:], loss_mask 1 at the label positions of response tokens, plus per-token fields
-    ([N, seq_length] tensors aligned with the labels) set as they are computed."""
-
-    def __init__(self, sequences: list[list[int]], prompt_lengths: list[int], seq_length: int, pad_id: int):
-        n = len(sequences)
-        self.seq_length = seq_length
-        self.rows = {k: torch.full((n, seq_length), pad_id if k in ("tokens", "labels") else 0, dtype=torch.long)
-                     for k in ("tokens", "labels", "segment_ids", "position_ids")}
-        self.rows["loss_mask"] = torch.zeros(n, seq_length)
-        for i, (seq, plen) in enumerate(zip(sequences, prompt_lengths)):
-            m = len(seq) - 1
-            self.rows["tokens"][i, :m] = torch.tensor(seq[:-1])
-            self.rows["labels"][i, :m] = torch.tensor(seq[1:])
-            self.rows["segment_ids"][i, :m] = 1
-            self.rows["loss_mask"][i, plen - 1:m] = 1.0
-        self.rows["position_ids"][:] = torch.arange(seq_length)
-        self.rows["train_mask"] = self.rows["loss_mask"].clone()
-        self.lengths = [len(s) for s in sequences]
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.rows.items()} | {"index": torch.tensor(i)}
-
-    @property
-    def response_mask(self) -> torch.Tensor:
-        return self.rows["loss_mask"]
-
-
-def collate(multiple: int):
-    """Stack items; cut after the longest row, to `multiple` (0: keep seq_length, as a pipeline needs)."""
-    def stack(items):
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        return trim_padding(batch, multiple, ROW_KEYS) if multiple else batch
-    return stack
-
-
-def on_device(batch: dict) -> dict:
-    return {k: v.to(dist.device(), non_blocking=True) for k, v in batch.items()}
-
-
-def token_logps(temperature: float, entropy: bool):
-    """collect()'s compute: per-token log-probs of the labels under softmax(logits / T) ([b, s], with
-    entropy [b, s, 2]), at the response positions."""
-    def compute(model, batch):
-        return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                     output_processor=gpt.token_logps_at_positions(batch["loss_mask"], temperature, entropy))
-    return compute
-
-
-def values_of(model, batch):
-    """collect()'s compute for a scalar-head model: the value at every position, [b, s] (the hidden states
-    to send on, on the pipeline stages before the last)."""
-    out = model(batch["tokens"], batch["position_ids"], None)
-    return out[..., 0] if gpt.unwrap(model).post_process else out
-
-
-def last_values(model, batch):
-    """collect()'s compute for a reward model: its value at each row's last real position, [b] (as the
-    reward model was trained: megaflow.algorithms.rm)."""
-    values = model(batch["tokens"], batch["position_ids"], None)
-    if not gpt.unwrap(model).post_process:  # hidden states on the stages before the last
-        return values
-    last = batch["segment_ids"].sum(dim=1) - 1
-    return values[torch.arange(values.shape[0], device=values.device), last, 0]
-
-
-# --- the losses the engine optimises -----------------------------------------------------------------
-
-
-def _report(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return torch.stack([total.detach().float(), count.detach().float()])
-
-
-class ActorTask(Task):
-    """The policy's loss per micro-batch of rollout rows: clipped surrogate (weighted by the truncated IS
-    weights), + kl_loss_coef * KL(pi || ref), - entropy_coef * H, aggregated by rl.loss_aggregation."""
-
-    loss_names = ("actor loss", "pg loss", "kl", "entropy", "clip fraction", "ratio")
-    progress = ("reward/mean",)
-
-    def __init__(self, rl, norm_length: int):
-        self.rl, self.norm_length = rl, norm_length
-
-    def forward_step(self, data_iterator, model):
-        batch = on_device(next(data_iterator))
-        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                    output_processor=gpt.token_logps_at_positions(batch["loss_mask"], self.rl.temperature, True))
-        return out, functools.partial(self.loss_func, batch)
-
-    def loss_func(self, batch: dict, out: torch.Tensor):
-        rl = self.rl
-        logps, entropy = out[..., 0], out[..., 1]
-        mask = batch["train_mask"].float()
-        pg, clipped = L.policy_loss(logps, batch["old_logps"], batch["advantages"], rl.clip_low, rl.clip_high,
-                                    rl.dual_clip)
-        pg = pg * batch["is_weight"]
-        kl = L.kl_estimate(logps, batch["ref_logps"], rl.kl_loss_estimator)
-        loss = pg + rl.kl_loss_coef * kl - rl.entropy_coef * entropy
-        total, count = L.aggregate(loss, mask, rl.loss_aggregation, self.norm_length)
-        tokens = mask.sum()
-        ratio = torch.exp((logps - batch["old_logps"]).clamp(-20, 20))
-        reports = {"actor loss": _report(total, count)}
-        for name, x in (("pg loss", pg), ("kl", kl), ("entropy", entropy), ("clip fraction", clipped), ("ratio", ratio)):
-            reports[name] = _report((x.detach() * mask).sum(), tokens)
-        return total, count.round().to(torch.int), reports
-
-
-class CriticTask(Task):
-    """The critic's clipped value loss per micro-batch, aggregated as the actor's."""
-
-    head = "scalar"
-    loss_names = ("value loss", "value clip fraction")
-
-    def __init__(self, rl, norm_length: int):
-        self.rl, self.norm_length = rl, norm_length
-
-    def forward_step(self, data_iterator, model):
-        batch = on_device(next(data_iterator))
-        return model(batch["tokens"], batch["position_ids"], None), functools.partial(self.loss_func, batch)
-
-    def loss_func(self, batch: dict, values: torch.Tensor):
-        mask = batch["train_mask"].float()
-        loss, clipped = L.value_loss(values[..., 0], batch["old_values"], batch["returns"], self.rl.value_clip)
-        total, count = L.aggregate(loss, mask, self.rl.loss_aggregation, self.norm_length)
-        return total, count.round().to(torch.int), {"value loss": _report(total, count),
-                                                    "value clip fraction": _report((clipped * mask).sum(), mask.sum())}
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -344,7 +207,7 @@ class Iteration:
         self.policy = InferenceModel.from_chunks(trainer.model, self.tokenizer, vocab_size=self.tokenizer.vocab_size,
                                                  max_sequence_length=cfg.model.max_position_embeddings)
         ref_dir = init_from.resolve_init_from(r.reference_from, log=dist.print_rank0) if r.reference_from else self.init_dir
-        self.reference = ReferenceModel(cfg, self.vocab, ref_dir)
+        self.reference = _offload(ReferenceModel(cfg, self.vocab, ref_dir), r.offload)
         self.reward_fn, self.reward_model = None, None
         if r.reward.function:
             from megaflow.eval.verifiers import RewardFunction
@@ -352,7 +215,7 @@ class Iteration:
             # loaded on every rank (a broken file is one line everywhere); only rank 0 starts workers and calls it
             self.reward_fn = RewardFunction(r.reward.function, r.reward.workers, r.reward.timeout)
         else:
-            self.reward_model = self._frozen_scalar(r.reward.model, "rl.reward.model")
+            self.reward_model = _offload(self._frozen_scalar(r.reward.model, "rl.reward.model"), r.offload)
         self.kl = L.KLController(trainer.state.extra.get("kl_coef", r.kl_penalty_coef), r.kl_target, r.kl_horizon)
         if self.advantage == "gae":
             self.critic = self._critic(trainer)
@@ -430,8 +293,9 @@ class Iteration:
             pad = self.tokenizer.pad_id
             whole = RolloutDataset([x["prompt_ids"] + x["token_ids"] + [pad] for x in rollouts],
                                    [len(x["prompt_ids"]) for x in rollouts], self.cfg.data.seq_length, pad)
-            values = collect(self.reward_model.chunks, whole, last_values, on_device, self.cfg.train.micro_batch_size,
-                             self.cfg.data.seq_length, collate(pad_multiple(self.cfg)))
+            with _resident(self.reward_model, self.cfg.rl.offload):
+                values = collect(self.reward_model.chunks, whole, last_values, on_device, self.cfg.train.micro_batch_size,
+                                 self.cfg.data.seq_length, collate(pad_multiple(self.cfg)))
             return Scores(values.double(), {}, [])
         packed = None
         if dist.is_rank0():
@@ -492,66 +356,110 @@ class Iteration:
                            self.cfg.data.seq_length, collate(pad_multiple(self.cfg)))
 
     def __call__(self, trainer: Trainer, iterators: list) -> StepResult:
+        """One iteration: rollouts and scores, forward passes, advantages, updates; its metrics."""
         cfg, r = self.cfg, self.cfg.rl
         if not self.ready:
             self.setup(trainer)
             if cfg.eval.final:
                 self.before_eval(trainer)
+        iteration = trainer.state.step + 1
         times = {"generate": 0.0, "score": 0.0}
         rollouts, scores, rounds = self.sample(trainer, iterators, times)
-        gen_tokens = sum(len(x["token_ids"]) for x in rollouts)
         ds = RolloutDataset([x["prompt_ids"] + x["token_ids"] for x in rollouts], [len(x["prompt_ids"]) for x in rollouts],
                             cfg.data.seq_length, self.tokenizer.pad_id)
-        resp = ds.response_mask
-        behaviour = torch.zeros(resp.shape, dtype=torch.float64)
-        for i, x in enumerate(rollouts):
-            start = len(x["prompt_ids"]) - 1
-            behaviour[i, start:start + len(x["logprobs"])] = torch.tensor(x["logprobs"], dtype=torch.float64)
-        failed = torch.isnan(scores.values)
-        rate = float(failed.float().mean())
-        if failed.any():
-            dist.print_rank0(f"reward: {int(failed.sum())} of {len(failed)} calls failed at iteration "
-                             f"{trainer.state.step + 1} ({', '.join(f'{k} {n}' for k, n in scores.failures.items())}): "
-                             + "; ".join(_first_of_each_kind(scores.examples)))
-        if rate > r.reward.max_failure_rate:
-            examples = "; ".join(_first_of_each_kind(scores.examples))
-            raise RewardFailed(f"rl.reward: {int(failed.sum())} of {len(failed)} reward calls failed at iteration "
-                               f"{trainer.state.step + 1} ({dict(scores.failures)}; {examples}), more than "
-                               f"rl.reward.max_failure_rate={r.reward.max_failure_rate}")
-
-        if faults.armed("kill_in_step", cfg.stage, trainer.state.step + 1):
+        failed = self.check_rewards(scores, iteration)
+        if faults.armed("kill_in_step", cfg.stage, iteration):
             faults.kill_self()
+        behaviour = _behaviour_logps(rollouts, ds.response_mask.shape)
+        old_logps, entropy, ref_logps = self.log_probs(trainer, ds, times)
+        gap = self.check_gap(behaviour, old_logps, ds.response_mask, iteration)
+        truncated = torch.tensor([x["finish_reason"] == "length" for x in rollouts])
+        kl_tokens = self.advantages(trainer, ds, scores.values, failed, truncated, old_logps, ref_logps, times)
+        ds.rows["is_weight"] = L.truncated_is_weights(old_logps, behaviour, ds.response_mask, r.tis, r.tis_cap)
+        t0 = time.perf_counter()
+        actor_m, critic_m = self.update(trainer, ds)
+        times["train"] = time.perf_counter() - t0
+        seq_kl = float(kl_tokens.sum(1).mean())
+        self.kl.update(seq_kl, len(rollouts))
+        trainer.state.extra["kl_coef"] = self.kl.value
+
+        resp, n_tokens = ds.response_mask, ds.response_mask.sum().clamp(min=1)
+        groups = self._fill_failed(scores.values, failed).reshape(-1, r.group_size)
+        ok = scores.values[~failed]
+        m = {"loss": actor_m.pop("actor loss", float("nan")),
+             "reward/mean": float(ok.mean()) if len(ok) else float("nan"),
+             "reward/std": float(ok.std()) if len(ok) > 1 else 0.0,
+             "reward/failure_rate": float(failed.float().mean()),
+             "kl/ref": float(kl_tokens.sum() / n_tokens), "kl/ref_seq": seq_kl, "kl/coef": self.kl.value,
+             "entropy": float((entropy * resp).sum() / n_tokens),
+             "response/length": float(resp.sum(1).mean()), "response/truncated": float(truncated.float().mean()),
+             "groups/zero_variance": float((groups.max(1).values == groups.min(1).values).float().mean())
+             if r.group_size > 1 else 0.0,
+             "gen_tok_per_s": sum(len(x["token_ids"]) for x in rollouts) / max(times["generate"], 1e-9),
+             "rollout_rounds": rounds} | gap
+        m |= {f"time/{k}": v for k, v in times.items()} | actor_m | critic_m
+        if "returns" in ds.rows:
+            m["explained_variance"] = _explained_variance(ds.rows["old_values"], ds.rows["returns"], ds.rows["train_mask"])
+        m |= {f"reward/failed_{kind.replace(' ', '_')}": n for kind, n in scores.failures.items()}
+        positions = sum(ds.lengths)
+        flops = size.flops_per_step(cfg.model, self.vocab, len(ds), positions / len(ds))
+        passes = r.epochs + (2 + ("returns" in ds.rows)) / 3  # updates, plus forward-only passes and generation
+        return StepResult(m, positions, flops * passes, r.prompts_per_step * rounds)
+
+    def check_rewards(self, scores: Scores, iteration: int) -> torch.Tensor:
+        """Which calls failed [n]; a line on failures, and RewardFailed past rl.reward.max_failure_rate."""
+        failed = torch.isnan(scores.values)
+        if not failed.any():
+            return failed
+        kinds = ", ".join(f"{k} {n}" for k, n in scores.failures.items())
+        examples = "; ".join(_first_of_each_kind(scores.examples))
+        dist.print_rank0(f"reward: {int(failed.sum())} of {len(failed)} calls failed at iteration {iteration} ({kinds}): "
+                         f"{examples}")
+        limit = self.cfg.rl.reward.max_failure_rate
+        if float(failed.float().mean()) > limit:
+            raise RewardFailed(f"rl.reward: {int(failed.sum())} of {len(failed)} reward calls failed at iteration "
+                               f"{iteration} ({kinds}; {examples}), more than rl.reward.max_failure_rate={limit}")
+        return failed
+
+    def log_probs(self, trainer: Trainer, ds: RolloutDataset, times: dict) -> tuple[torch.Tensor, ...]:
+        """The actor's training forward (pi_old and its entropy) and the reference's, at the response tokens."""
+        r, resp = self.cfg.rl, ds.response_mask
         t0 = time.perf_counter()
         old = self._passes(trainer, ds, trainer.model, token_logps(r.temperature, True))
-        old_logps, entropy = old[..., 0] * resp, old[..., 1]
         times["actor_forward"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ref_logps = self._passes(trainer, ds, self.reference.chunks, token_logps(r.temperature, False)) * resp
+        with _resident(self.reference, r.offload):
+            ref = self._passes(trainer, ds, self.reference.chunks, token_logps(r.temperature, False))
         times["reference"] = time.perf_counter() - t0
+        return old[..., 0] * resp, old[..., 1], ref * resp
 
-        gap = L.kl_estimate(behaviour.double(), old_logps.double(), "k3") * resp  # float64: k3 of a 1e-6 gap is ~1e-12
-        n_tokens = resp.sum().clamp(min=1)
-        gap_k3 = float(gap.sum() / n_tokens)
+    def check_gap(self, behaviour: torch.Tensor, old_logps: torch.Tensor, resp: torch.Tensor, iteration: int) -> dict:
+        """The rollout's log-probs against the training forward's: k3 per token (float64: k3 of a 1e-6 gap is
+        ~1e-12) and the largest token ratio; LogprobGap past rl.max_logprob_gap."""
+        k3 = float((L.kl_estimate(behaviour, old_logps.double(), "k3") * resp).sum() / resp.sum().clamp(min=1))
         max_ratio = float(torch.exp(((old_logps - behaviour) * resp).abs().max()))
-        if r.max_logprob_gap is not None and gap_k3 > r.max_logprob_gap:
-            raise LogprobGap(f"rollout and training log-probs differ: k3 {gap_k3:.3g} per token (max ratio "
-                             f"{max_ratio:.4f}) > rl.max_logprob_gap={r.max_logprob_gap} at iteration "
-                             f"{trainer.state.step + 1}; use precision=fp32, rl.tis=token, or raise the threshold")
+        limit = self.cfg.rl.max_logprob_gap
+        if limit is not None and k3 > limit:
+            raise LogprobGap(f"rollout and training log-probs differ: k3 {k3:.3g} per token (max ratio {max_ratio:.4f}) "
+                             f"> rl.max_logprob_gap={limit} at iteration {iteration}; use precision=fp32, rl.tis=token, "
+                             "or raise the threshold")
+        return {"logprob_gap/k3": k3, "logprob_gap/max_ratio": max_ratio}
 
+    def advantages(self, trainer: Trainer, ds: RolloutDataset, scores: torch.Tensor, failed: torch.Tensor,
+                   truncated: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, times: dict) -> torch.Tensor:
+        """The rows' train_mask, log-probs, advantages (and PPO's returns and old values); returns the per-token
+        KL of the penalty's estimator."""
+        r, resp = self.cfg.rl, ds.response_mask
         train_mask = resp.clone()
         train_mask[failed] = 0
-        truncated = torch.tensor([x["finish_reason"] == "length" for x in rollouts])
         if r.overlong == "mask":
             train_mask[truncated] = 0
-        scores_filled = self._fill_failed(scores.values, failed)
+        filled = self._fill_failed(scores, failed)
         kl_tokens = L.kl_estimate(old_logps, ref_logps, r.kl_penalty_estimator) * resp
-
-        values = None
         if self.advantage in ("grpo", "rloo"):
-            adv_seq = L.group_advantages(scores_filled, r.group_size, self.advantage, r.std_normalize)
-            advantages = adv_seq[:, None].float() * resp
+            advantages = L.group_advantages(filled, r.group_size, self.advantage, r.std_normalize)[:, None] * resp
         else:
-            rewards = L.token_rewards(scores_filled, resp, kl_tokens, self.kl.value)
+            rewards = L.token_rewards(filled, resp, kl_tokens, self.kl.value)
             if self.advantage == "reinforce_pp":
                 advantages = L.whiten(L.discounted_returns(rewards, resp, r.gamma), train_mask)
             else:
@@ -563,40 +471,8 @@ class Iteration:
                     advantages = L.whiten(advantages, train_mask)
                 ds.rows["returns"], ds.rows["old_values"] = returns, values
         ds.rows |= {"train_mask": train_mask, "old_logps": old_logps, "ref_logps": ref_logps,
-                    "advantages": advantages.float(),
-                    "is_weight": L.truncated_is_weights(old_logps, behaviour, resp, r.tis, r.tis_cap)}
-
-        t0 = time.perf_counter()
-        actor_m, critic_m = self.update(trainer, ds)
-        times["train"] = time.perf_counter() - t0
-
-        seq_kl = float((kl_tokens.sum(1)).mean())
-        self.kl.update(seq_kl, len(rollouts))
-        trainer.state.extra["kl_coef"] = self.kl.value
-        groups = scores_filled.reshape(-1, r.group_size)
-        lengths = resp.sum(1)
-        ok = scores.values[~failed]
-        m = {"loss": actor_m.get("actor loss", float("nan")),
-             "reward/mean": float(ok.mean()) if len(ok) else float("nan"),
-             "reward/std": float(ok.std()) if len(ok) > 1 else 0.0,
-             "reward/failure_rate": rate, "kl/ref": float((kl_tokens.sum() / n_tokens)), "kl/ref_seq": seq_kl,
-             "kl/coef": self.kl.value, "entropy": float((entropy * resp).sum() / n_tokens),
-             "response/length": float(lengths.mean()), "response/truncated": float(truncated.float().mean()),
-             "groups/zero_variance": float((groups.max(1).values == groups.min(1).values).float().mean()) if r.group_size > 1 else 0.0,
-             "logprob_gap/k3": gap_k3, "logprob_gap/max_ratio": max_ratio,
-             "gen_tok_per_s": gen_tokens / max(times["generate"], 1e-9)}
-        m |= {f"time/{k}": v for k, v in times.items()}
-        m |= {k: v for k, v in actor_m.items() if k != "actor loss"}
-        m |= critic_m
-        if values is not None:
-            m["explained_variance"] = _explained_variance(values, ds.rows["returns"], train_mask)
-        for kind, n in scores.failures.items():
-            m[f"reward/failed_{kind.replace(' ', '_')}"] = n
-        positions = sum(ds.lengths)
-        f = size.flops_per_step(cfg.model, self.vocab, len(ds), positions / len(ds))
-        passes = r.epochs + (2 + (values is not None)) / 3  # updates, plus forward-only passes and generation
-        m["rollout_rounds"] = rounds
-        return StepResult(m, positions, f * passes, r.prompts_per_step * rounds)
+                    "advantages": advantages.float()}
+        return kl_tokens
 
     def _fill_failed(self, scores: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
         """A failed sample's score replaced by the mean of its group's valid ones (0 if none), so it adds
@@ -654,8 +530,6 @@ class Iteration:
             done = generate(self.policy, [p.ids for p in prompts], self._params(greedy=True))
         rollouts = [{"prompt": p, "prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text}
                     for p, c in zip(prompts, done)]
-        ds = RolloutDataset([x["prompt_ids"] + x["token_ids"] for x in rollouts], [len(x["prompt_ids"]) for x in rollouts],
-                            self.cfg.data.seq_length, self.tokenizer.pad_id)
         scores = self.score(rollouts).values
         ok = scores[~torch.isnan(scores)]
         out = {f"{prefix}_reward": float(ok.mean()) if len(ok) else float("nan"), f"{prefix}_prompts": len(prompts)}
@@ -677,6 +551,38 @@ class Iteration:
         before = self.held_out_eval(trainer, "before")
         trainer.write_json("before.json", before)
         return before
+
+
+def _behaviour_logps(rollouts: list[dict], shape) -> torch.Tensor:
+    """The sampler's log-probs (float64) at the label positions of each row's response tokens."""
+    out = torch.zeros(shape, dtype=torch.float64)
+    for i, x in enumerate(rollouts):
+        start = len(x["prompt_ids"]) - 1
+        out[i, start:start + len(x["logprobs"])] = torch.tensor(x["logprobs"], dtype=torch.float64)
+    return out
+
+
+def _offload(frozen, offload: bool):
+    """With rl.offload on a GPU, a frozen model (reference, reward model) lives in host memory between uses."""
+    if offload and dist.device().type == "cuda":
+        for chunk in frozen.chunks:
+            chunk.to("cpu")
+    return frozen
+
+
+@contextlib.contextmanager
+def _resident(frozen, offload: bool):
+    """The frozen model on the device for the block, back in host memory after it (rl.offload, GPU only)."""
+    moved = offload and dist.device().type == "cuda"
+    if moved:
+        for chunk in frozen.chunks:
+            chunk.to(dist.device())
+    try:
+        yield
+    finally:
+        if moved:
+            _offload(frozen, True)
+            torch.cuda.empty_cache()
 
 
 def _first_of_each_kind(examples: list[str]) -> list[str]:

@@ -372,6 +372,7 @@ class RLConfig(Section):
     max_logprob_gap: float | None = Field(1e-3, gt=0)  # k3(training || rollout) per token past which the stage stops
     reward: RewardConfig | None = None
     reference_from: str | None = None  # default: init_from
+    offload: bool = False  # GPU: the reference and reward model in host memory between their uses
 
 
 class StageConfig(Section):

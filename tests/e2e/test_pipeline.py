@@ -62,7 +62,7 @@ stages:
     config: {STAGES / 'grpo-tiny.yaml'}
     init_from: ${{stages.sft.output}}
     data: {{train: [{{path: {SFT_DATA / 'train.jsonl'}}}], prompts: {{valid: [{SFT_DATA / 'heldout.jsonl'}]}}}}
-    train: {{steps: 4, micro_batch_size: 8, global_batch_size: 8}}
+    train: {{steps: 4, micro_batch_size: 4, global_batch_size: 8}}
     rl: {{prompts_per_step: 4, group_size: 2, max_new_tokens: 4, reward: {{function: words, workers: 1}}}}
     checkpoint: {{every: 2}}
   eval:
@@ -282,7 +282,7 @@ def test_unchanged_rerun_runs_nothing_and_a_change_reruns_descendants(baseline):
     proc = run_megaflow("run", str(path), "sft.train.lr=1.0e-3", "--dry-run", cwd=root)
     actions = _actions(proc.stdout)
     assert actions == {"tokenizer": "skip", "preprocess": "skip", "pretrain": "skip", "sft": "rerun",
-                       "rm": "rerun", "dpo": "rerun", "eval": "rerun"}, proc.stdout
+                       "rm": "rerun", "dpo": "rerun", "grpo": "rerun", "eval": "rerun"}, proc.stdout
     assert "config changed: train.lr" in proc.stdout
 
     proc = run_megaflow("run", str(path), "sft.train.lr=1.0e-3", "--only", "sft", cwd=root)

@@ -296,3 +296,20 @@ def test_cli_json_and_errors(tmp_path):
                         "--mfu", "0.3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "6·N·D" in proc.stdout and "3.143e+23" in proc.stdout and "fits in 80 GiB" in proc.stdout
+
+
+def test_an_rl_stage_adds_its_other_models_and_the_rollout_kv_cache():
+    """PPO on Llama-3.1-8B, bf16, TP2, 4 GPUs (dp 2): the reference and reward model in bf16 (2 B/param each),
+    the critic with its grads and optimizer (18 B/param), and the keys and values of 64 x 8 / 2 rollouts."""
+    common = ["precision=bf16", "parallel.tp=2", "rl.prompts_per_step=64", "rl.group_size=8", "rl.max_new_tokens=1024"]
+    base = plan.make_plan(preset("llama3.1-8b", *common, seq=2048), gpus=4)
+    ppo = plan.make_plan(preset("llama3.1-8b", *common, "stage=ppo", "rl.reward.function=null", "rl.reward.model=rm",
+                                seq=2048), gpus=4)
+    (a,), (b,) = base.memory, ppo.memory
+    n = a.params
+    assert b.other_models == pytest.approx(2 * n * 2 + 18 * n)
+    assert b.kv_cache == pytest.approx(2 * 32 * (64 * 8 / 2) * 2048 * (8 * 128 / 2) * 2)  # 2 L B s (g d / t) e
+    assert b.total == pytest.approx(a.total - a.other_models - a.kv_cache + b.other_models + b.kv_cache)
+    assert a.other_models == pytest.approx(2 * n)  # an rl section alone: GRPO's reference only
+    text = plan.format_plan(ppo)
+    assert "rollout KV cache (RL)" in text and "reference, reward model, critic counted" in text
