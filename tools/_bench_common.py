@@ -159,6 +159,18 @@ def resolve_run_flags(a: argparse.Namespace, defaults: dict[str, dict], name: st
         a.out = str(Path(o) / f"{name}.json") if o and Path(o).is_dir() else f"bench-results/{name}.json"
 
 
+def result_paths(out: str | None, name: str) -> tuple[Path, Path]:
+    """(JSON file, folder for the workers' logs) of a benchmark: --out, else $OUT/NAME.json when $OUT is a
+    folder, else bench-results/NAME.json (resolve_run_flags' rule, for tools without its other flags)."""
+    if out is None:
+        o = os.environ.get("OUT")
+        out = str(Path(o) / f"{name}.json") if o and Path(o).is_dir() else str(REPO_ROOT / "bench-results" / f"{name}.json")
+    path = Path(out) if Path(out).suffix == ".json" else Path(out) / f"{name}.json"
+    logs = path.parent / f"{name}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return path, logs
+
+
 def package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -122,17 +121,12 @@ def main(argv=None) -> int:
         spec = json.loads(a.worker)
         common.emit_result(work_trl(spec))
         return 0
-    import importlib.util
+    import torch
 
-    gpu = importlib.util.find_spec("transformer_engine") is not None and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    gpu = torch.cuda.is_available()
     a.shape = a.shape or ("1b" if gpu else "small")
     precision = "bf16" if gpu else "fp32"
-    out_path = Path(a.out) if a.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO_ROOT / "bench-results")
-    if out_path.suffix != ".json":
-        out_path = out_path / "bench_grpo.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    log_dir = out_path.parent / "bench_grpo-logs"
-    log_dir.mkdir(exist_ok=True)
+    out_path, log_dir = common.result_paths(a.out, "bench_grpo")
     results = {impl: {"times": [], "gen_tokens": []} for impl in IMPLS}
     with tempfile.TemporaryDirectory(prefix="bench_grpo-") as tmp:
         info = bench_sft.setup(argparse.Namespace(shape=a.shape, seq=128, unpacked_seq=128, precision=precision,
