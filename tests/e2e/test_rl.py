@@ -74,7 +74,7 @@ def plateau_rm(workdir, plateau_sft):
 def _rl(workdir, algo, sft, noisy, run_dir, *extra, env=None):
     args = ["train", algo, "--config", str(GRPO_CONFIG), f"init_from={sft / 'final'}", f"data.train=[{{path: {noisy}}}]",
             f"data.prompts.valid=[{HELD_OUT}]", f"run.dir={run_dir}", "rl.reward.function=exact_match", *extra]
-    return run_megaflow(*args, cwd=workdir, env=env)
+    return run_megaflow(*args, cwd=workdir, env=env, timeout=1200)  # 150 iterations: ~1.3 min on 2 quiet cores
 
 
 def _learning(algo, stage_dir, minutes, sft_gain):
