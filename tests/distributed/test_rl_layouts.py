@@ -5,8 +5,12 @@
   so later updates see ratios away from 1 and a policy away from its reference;
 - the rollout's log-probs equal the training forward's at every iteration (max token ratio 1 + 1e-5),
   in every layout;
-- every loss aggregation gives the same loss and gradient norm with 1 or 4 micro-batches and at DP2
-  (1e-6 relative, fp32, gloo).
+- every loss aggregation gives the same loss and gradient, element by element, with 1 or 4 micro-batches
+  and at DP2 (1e-6, fp32, gloo).
+
+How the gradient is compared: one update by Adam with lr = eps = 100 (no weight decay, no clipping) moves
+each weight by 100 g / (|g| + 100) (the first step's bias-corrected moments are g and g^2), about g itself
+and a one-to-one function of it. So the saved weights after the update equal element by element exactly when the gradients do.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_megaflow
 
@@ -91,22 +96,48 @@ def test_rollout_log_probs_equal_the_training_forward(layout_runs, algo, layout)
         assert abs(row["logprob_gap/k3"]) < 1e-9
 
 
+def _update(stage_dir, start) -> dict[str, torch.Tensor]:
+    """Weight changes of a run's single update: its final weights minus the ones it started from."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = stage_dir / "weights.pt"
+    dcp_to_torch_save(str(stage_dir / "final" / "weights"), str(out))
+    after = torch.load(out, weights_only=False)
+    return {k: after[k].float() - start[k].float() for k in start if isinstance(start[k], torch.Tensor)}
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_loss_aggregation_does_not_depend_on_micro_batches_or_data_parallel_size(workdir, tiny_sft, mode):
     """One update of 16 rollouts: 1 micro-batch, 4 micro-batches, and 2 data-parallel ranks of 2."""
-    got = {}
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    start_file = workdir / "runs" / "rl-agg-start.pt"
+    if not start_file.exists():
+        dcp_to_torch_save(str(tiny_sft / "final" / "weights"), str(start_file))
+    start = torch.load(start_file, weights_only=False)
+    got, updates = {}, {}
     for name, (mbs, launch) in {"1 micro-batch": (16, []), "4 micro-batches": (4, []),
                                 "dp2": (4, ["--nproc-per-node", "2"])}.items():
         run_dir = workdir / "runs" / f"rl-agg-{mode}-{name.replace(' ', '-')}"
         proc = run_megaflow("train", "grpo", "--config", str(GRPO_CONFIG), *_common(tiny_sft, run_dir),
                             "train.steps=1", "train.global_batch_size=16", f"train.micro_batch_size={mbs}",
                             f"rl.loss_aggregation={mode}", "rl.kl_loss_coef=0.1", "rl.entropy_coef=0.01",
+                            "train.lr=100", "train.adam_eps=100", "train.weight_decay=0", "train.clip_grad=0",
                             *launch, cwd=workdir)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
         got[name] = _rows(run_dir / "grpo")[0]
-    ref = got["1 micro-batch"]
+        updates[name] = _update(run_dir / "grpo", start)
+    ref, ref_update = got["1 micro-batch"], updates["1 micro-batch"]
     assert ref["grad_norm"] > 0
+    scale = max(d.abs().max().item() for d in ref_update.values())
+    assert scale > 1e-3  # 100 g / (|g| + 100): the update really moved the weights
+    ulp = torch.finfo(torch.float32).eps
     for name, row in got.items():
-        print(f"{mode} {name}: loss {row['loss']:.9g} grad_norm {row['grad_norm']:.9g}")
+        # what the update moved beyond two fp32 roundings of the weight itself (|w| ulp each)
+        diff = max(((updates[name][k] - d).abs() - 2 * ulp * (start[k].float() + d).abs()).max().item()
+                   for k, d in ref_update.items())
+        print(f"{mode} {name}: loss {row['loss']:.9g} grad_norm {row['grad_norm']:.9g} "
+              f"max |update - 1 micro-batch's| {diff:.3g} (largest update {scale:.3g})")
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=1e-7)  # a mean near 0 of terms near 1
         assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-6)
+        assert diff <= 1e-6 * scale, name
