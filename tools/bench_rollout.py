@@ -11,6 +11,11 @@ the shortest prompt), HF left-pads (its usual batched generation). Each side run
 --warmup untimed batches then --repeats timed ones, interleaved over --rounds; medians. Tokens/s counts
 generated tokens only.
 
+The floor: a decode step must read every weight it multiplies by (all but the input embedding table) and
+the KV cache written so far, so at the device's memory bandwidth (measured here with a large copy) a
+batch of B rows cannot make more than B / ((weight bytes + KV bytes) / bandwidth) tokens per second; the
+KV bytes are averaged over the decode's positions. Printed next to the measured rate.
+
 Usage:
     python tools/bench_rollout.py                      # CPU: small shape, fp32
     python tools/bench_rollout.py --shape tiny --rounds 1
@@ -59,6 +64,38 @@ def _timed(run, warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def memory_bandwidth(device, gib: float) -> float:
+    """Bytes/s of a device-to-device copy of `gib` GiB (it reads and writes each byte: 2 x size / time)."""
+    import torch
+
+    src = torch.empty(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(4):
+        common.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        common.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / min(times[1:])
+
+
+def decode_floor(model, prompts: list[list[int]], new: int, bandwidth: float) -> dict:
+    """Tokens/s a decode step could reach if reading the weights and the KV cache were all it did."""
+    import torch
+
+    inner = model.chunks[0]
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in inner.named_parameters()
+                       if "word_embeddings" not in name or inner.share_embeddings_and_output_weights)
+    element = 2 if cfg.params_dtype in (torch.bfloat16, torch.float16) else 4
+    kv_per_position = 2 * cfg.num_layers * cfg.num_query_groups * cfg.kv_channels * element
+    mean_position = sum(len(p) for p in prompts) / len(prompts) + new / 2
+    step_bytes = weight_bytes + kv_per_position * mean_position * len(prompts)
+    return {"weight_bytes": weight_bytes, "kv_bytes_per_step": step_bytes - weight_bytes,
+            "bandwidth_gb_s": bandwidth / 1e9, "floor_tok_per_s": len(prompts) * bandwidth / step_bytes}
+
+
 def work_megaflow(spec: dict) -> dict:
     from megaflow.inference import SamplingParams, generate, load_for_inference
 
@@ -68,7 +105,8 @@ def work_megaflow(spec: dict) -> dict:
     got = []
     times = _timed(lambda: got.append(generate(model, prompts, params)), spec["warmup"], spec["repeats"])
     assert all(len(c.token_ids) == spec["new"] for c in got[-1])
-    return {"times": times, "tokens": spec["batch"] * spec["new"]}
+    floor = decode_floor(model, prompts, spec["new"], memory_bandwidth(model.device, 4.0 if model.device.type == "cuda" else 0.5))
+    return {"times": times, "tokens": spec["batch"] * spec["new"], "floor": floor}
 
 
 def work_hf(spec: dict) -> dict:
@@ -131,6 +169,7 @@ def main(argv=None) -> int:
         setup_args = argparse.Namespace(shape=a.shape, seq=256, unpacked_seq=256, precision=precision, worker_timeout=900.0)
         info = bench_sft.setup(setup_args, Path(tmp), log_dir)
         results = {impl: [] for impl in IMPLS}
+        floors = []
         for rnd in range(a.rounds):
             for impl in IMPLS:
                 spec = {"impl": impl, "ckpt": info["ckpt"], "hf": info["hf"], "batch": a.batch, "new": a.new,
@@ -141,14 +180,21 @@ def main(argv=None) -> int:
                 if got is None:
                     raise SystemExit(f"{impl} failed; log {log_dir / f'{impl}-{rnd}.log'}")
                 results[impl] += [got["tokens"] / t for t in got["times"]]
+                floors += [got["floor"]] if "floor" in got else []
     speed = {impl: common.median(v) for impl, v in results.items()}
     ratio = speed["megaflow"] / speed["hf"]
+    floor = floors[-1] | {"floor_tok_per_s": common.median([f["floor_tok_per_s"] for f in floors])}
     print(common.format_table(["impl", "generated tok/s (median)", "runs"],
-                              [[impl, f"{speed[impl]:.0f}", str(len(results[impl]))] for impl in IMPLS]))
+                              [[impl, f"{speed[impl]:.0f}", str(len(results[impl]))] for impl in IMPLS]
+                              + [["read floor", f"{floor['floor_tok_per_s']:.0f}", str(len(floors))]]))
+    print(f"read floor: {floor['weight_bytes'] / 1e9:.3f} GB of weights + {floor['kv_bytes_per_step'] / 1e9:.3f} GB of "
+          f"KV cache per step at {floor['bandwidth_gb_s']:.0f} GB/s; megaflow at "
+          f"{speed['megaflow'] / floor['floor_tok_per_s']:.1%} of it")
     print(f"megaflow / HF generate(): {ratio:.2f}x  (shape {a.shape}, {precision}, batch {a.batch}, {a.new} new tokens; "
           f"conversion max |logit diff| {info['convert'].get('max_abs_logit_diff')})")
     record = {"benchmark": "bench_rollout", "date": common.now_iso(), "shape": a.shape, "precision": precision,
               "batch": a.batch, "new_tokens": a.new, "tok_per_s": speed, "samples": results, "ratio_megaflow_hf": ratio,
+              "read_floor": floor,
               "env": common.env_info(), "convert": info["convert"]}
     out_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"-> {out_path}")

@@ -6,6 +6,10 @@
 #   prefs  SFT and DPO (unpacked, and packed pairs through TE's THD path) on the same shape, from the BF16
 #          pretrain (a short one if `train` did not run; configs/stages/{sft,dpo}-1b.yaml): positions/s and
 #          packing efficiency; the packed and unpacked reference log-probs compared;
+#   rl     RL on the same shape: rollout tokens/s against HF generate() and the weight-and-KV-read floor
+#          (tools/bench_rollout.py --shape 1b), then PPO iterations with a 1B actor, reference, reward model
+#          and critic in one process (configs/stages/{rm,ppo}-1b.yaml, the RM a few steps from the bf16
+#          pretrain): each iteration's time split, decode tokens/s, the rollout/training log-prob gap in bf16;
 #   ckpt   the 1B checkpoint stall (CKPT_MODES: sync,async), split into state dict / save call / schedule,
 #          then a resume from the asynchronous run's second-to-last checkpoint against the uninterrupted losses;
 #          then the stall of an asynchronous save in `checkpoint.optimizer_format=dp_reshardable`;
@@ -13,7 +17,7 @@
 #          exactly, pretraining through TE in BF16 and FP8, `megaflow plan`'s memory against measured memory;
 #   bench  the 1B step benchmark against bare megatron-core + TE and HF transformers.
 # Usage on the GPU machine, after installing .whl:
-#   SECTIONS="train prefs ckpt tests" bash tools/gpu_check.sh [OUTDIR]      (the default: all but bench)
+#   SECTIONS="train prefs rl ckpt tests" bash tools/gpu_check.sh [OUTDIR]      (the default: all but bench)
 # DEADLINE (seconds, default 560) caps every section's time limit so that the script ends, and prints its
 # results, within one device call; TESTS names the GPU test files.
 # On a CPU, SMOKE=1 runs the same commands on a tiny model with few steps, to check the script itself.
@@ -22,7 +26,7 @@ OUT=${1:-${OUT:-bench-results}}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 SECONDS=0
-SECTIONS=" ${SECTIONS:-train prefs ckpt tests} "
+SECTIONS=" ${SECTIONS:-train prefs rl ckpt tests} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 section() { echo "=== [$SECONDS s] $*"; }
 DEADLINE=${DEADLINE:-560}
@@ -32,9 +36,10 @@ SMALL=()  # SMOKE=1: the 1B configs on a tiny model, a few steps
 if [ "${SMOKE:-0}" = 1 ]; then
   SMALL=(model.hidden_size=64 model.num_layers=2 model.num_attention_heads=4 model.num_query_groups=2
          model.ffn_hidden_size=128 precision=fp32 parallel.distributed_optimizer=false)
-  STEPS=(train.steps=8 train.warmup_steps=1) PAIRS=24
+  STEPS=(train.steps=8 train.warmup_steps=1) PAIRS=24 ROLLOUT=(--shape tiny --batch 8 --new 8)
+  RL=(train.steps=2 rl.prompts_per_step=8 train.global_batch_size=8 train.micro_batch_size=4 rl.max_new_tokens=8)
 else
-  STEPS=() PAIRS=240
+  STEPS=() PAIRS=240 ROLLOUT=(--shape 1b --batch 64 --new 128) RL=()
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   python3 -c "import megatron.core, transformer_engine.pytorch, torch; print('torch', torch.__version__, 'mcore', megatron.core.__version__)"
 fi
@@ -70,14 +75,18 @@ PY
   done
 fi
 
-if want prefs; then
-  INIT="$OUT/run-1b-bf16/pretrain/final"
-  if [ ! -d "$INIT" ]; then
-    section "1b pretrain, 4 steps, for SFT and DPO to start from"
+pretrain_for_init() {  # the bf16 pretrain's final checkpoint, or a short one if `train` did not run
+  if [ ! -d "$OUT/run-1b-bf16/pretrain/final" ]; then
+    section "1b pretrain, 4 steps, for the stages below to start from"
     timeout "$(limit 100)" python3 -m megaflow train pretrain --config configs/stages/pretrain-1b.yaml train.steps=4 \
       train.warmup_steps=1 run.dir="$OUT/run-1b-bf16" run.progress=false checkpoint.every=0 eval.final=false \
       "${SMALL[@]}" 2>&1 | quiet 2
   fi
+}
+
+if want prefs; then
+  pretrain_for_init
+  INIT="$OUT/run-1b-bf16/pretrain/final"
   # the unpacked reference pass covers every training pair (2 rows of 2048 each): 240 of them keep it short
   head -n "$PAIRS" data/sample/pref-words/train.jsonl > "$OUT/pref-head.jsonl"
   for run in sft dpo-packed dpo; do
@@ -105,8 +114,33 @@ if caches["dpo"] is not None and caches["dpo-packed"] is not None:
     print(f"1b reference log-probs, packed (THD) vs unpacked, {len(a)} pairs: max |diff| {diff.max():.3g}, "
           f"mean |diff| {diff.mean():.3g}, max rel {(diff / np.abs(a)).max():.3g}, mean |logp| {np.abs(a).mean():.1f}")
 PY
-  rm -rf "$OUT/run-1b-bf16/pretrain/final"
 fi
+
+if want rl; then
+  section "rollout tokens/s: megaflow vs HF generate() vs the read floor"
+  timeout "$(limit 150)" python3 tools/bench_rollout.py "${ROLLOUT[@]}" --rounds 1 --repeats 2 \
+    --out "$OUT/bench_rollout.json" 2>&1 | quiet 8
+  pretrain_for_init
+  INIT="$OUT/run-1b-bf16/pretrain/final"
+  section "1b reward model, a few steps, for PPO's reward and critic"
+  timeout "$(limit 100)" python3 -m megaflow train rm --config configs/stages/rm-1b.yaml init_from="$INIT" \
+    run.dir="$OUT/run-1b-rl" run.progress=false "${SMALL[@]}" "${STEPS[@]}" 2>&1 | quiet 2
+  section "1b PPO iterations: actor, reference, reward model and critic in one process"
+  timeout "$(limit 180)" python3 -m megaflow train ppo --config configs/stages/ppo-1b.yaml init_from="$INIT" \
+    rl.reward.model="$OUT/run-1b-rl/rm/final" run.dir="$OUT/run-1b-rl" run.progress=false "${SMALL[@]}" "${RL[@]}" \
+    2>&1 | quiet 4
+  python3 - "$OUT/run-1b-rl/ppo/metrics.jsonl" <<'PY' | tee "$OUT/ppo_1b.txt"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"reward/mean"' in l]
+for r in rows:
+    split = ", ".join(f"{k[5:]} {v:.2f} s" for k, v in r.items() if k.startswith("time/"))
+    print(f"1b ppo iteration {r['step']}: {r['step_time']:.2f} s ({split}); generate {r['gen_tok_per_s']:.0f} tok/s; "
+          f"log-prob gap k3 {r['logprob_gap/k3']:.3g}, max ratio {r['logprob_gap/max_ratio']:.4f}; "
+          f"peak allocated {r.get('peak_mem_gib', 0):.1f} GiB")
+PY
+  rm -rf "$OUT/run-1b-rl/rm/final" "$OUT/run-1b-rl/ppo/final" "$OUT/run-1b-rl/ppo/critic"
+fi
+rm -rf "$OUT/run-1b-bf16/pretrain/final"
 
 if want ckpt; then
   section "1b checkpoint stall (${CKPT_MODES:-sync,async}) and resume from the async save"
