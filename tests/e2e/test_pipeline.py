@@ -24,7 +24,8 @@ PREF_DATA = REPO / "data" / "sample" / "pref-words"
 
 
 def micro_pipeline(root: Path, corpus: Path) -> Path:
-    """tokenizer -> preprocess -> pretrain -> sft -> rm, dpo, grpo -> eval, each a few steps with checkpoints."""
+    """tokenizer -> preprocess -> pretrain -> sft -> rm, dpo, grpo -> ppo (reward and critic from rm) -> eval,
+    each a few steps with checkpoints."""
     path = root / "micro.yaml"
     path.write_text(f"""
 run: {{name: micro, dir: {root / 'run'}}}
@@ -64,6 +65,14 @@ stages:
     data: {{train: [{{path: {SFT_DATA / 'train.jsonl'}}}], prompts: {{valid: [{SFT_DATA / 'heldout.jsonl'}]}}}}
     train: {{steps: 4, micro_batch_size: 4, global_batch_size: 8}}
     rl: {{prompts_per_step: 4, group_size: 2, max_new_tokens: 4, reward: {{function: words, workers: 1}}}}
+    checkpoint: {{every: 2}}
+  ppo:
+    config: {STAGES / 'grpo-tiny.yaml'}
+    init_from: ${{stages.sft.output}}
+    data: {{train: [{{path: {SFT_DATA / 'train.jsonl'}}}], prompts: {{valid: [{SFT_DATA / 'heldout.jsonl'}]}}}}
+    train: {{steps: 4, micro_batch_size: 4, global_batch_size: 8}}
+    rl: {{prompts_per_step: 8, group_size: 1, max_new_tokens: 4, kl_loss_coef: 0.0, kl_penalty_coef: 0.01,
+         reward: {{function: null, model: "${{stages.rm.output}}"}}}}
     checkpoint: {{every: 2}}
   eval:
     models: {{pretrain: "${{stages.pretrain.output}}", sft: "${{stages.sft.output}}", dpo: "${{stages.dpo.output}}"}}
@@ -139,7 +148,7 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
     root, _ = baseline
     run_dir = root / "run"
     rec = _record(run_dir)
-    assert list(rec) == ["tokenizer", "preprocess", "pretrain", "sft", "rm", "dpo", "grpo", "eval"]
+    assert list(rec) == ["tokenizer", "preprocess", "pretrain", "sft", "rm", "dpo", "grpo", "ppo", "eval"]
     assert all(r["status"] == "done" for r in rec.values())
     models = json.loads((run_dir / "eval" / "eval.json").read_text())["models"]
     assert set(models) == {"pretrain", "sft", "dpo"}
@@ -151,7 +160,7 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
     # the eval stage's perplexity of the pretrained model is its own final validation perplexity
     assert models["pretrain"]["ppl"] == pytest.approx(rec["pretrain"]["metrics"]["valid_ppl"], rel=1e-4)
     # W&B (offline): every training stage's logged steps, as in its metrics.jsonl; eval's metrics per model
-    for stage in ("pretrain", "sft", "rm", "dpo", "grpo"):
+    for stage in ("pretrain", "sft", "rm", "dpo", "grpo", "ppo"):
         logged = _wandb_history(run_dir / stage)
         for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
@@ -161,7 +170,7 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
                     assert logged[row["step"]][f"{split}/{k}"] == pytest.approx(v), (stage, row["step"], k)
     assert _wandb_history(run_dir / "eval")[0]["dpo/exact_match"] == models["dpo"]["exact_match"]
     report = (run_dir / "report.md").read_text()
-    assert "What each stage bought" in report and "| dpo |" in report and "passed" in report
+    assert "What each stage bought" in report and "| dpo |" in report and "| ppo |" in report and "passed" in report
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and (run_dir / "plots" / "eval.png").is_file()
 
 
@@ -282,7 +291,7 @@ def test_unchanged_rerun_runs_nothing_and_a_change_reruns_descendants(baseline):
     proc = run_megaflow("run", str(path), "sft.train.lr=1.0e-3", "--dry-run", cwd=root)
     actions = _actions(proc.stdout)
     assert actions == {"tokenizer": "skip", "preprocess": "skip", "pretrain": "skip", "sft": "rerun",
-                       "rm": "rerun", "dpo": "rerun", "grpo": "rerun", "eval": "rerun"}, proc.stdout
+                       "rm": "rerun", "dpo": "rerun", "grpo": "rerun", "ppo": "rerun", "eval": "rerun"}, proc.stdout
     assert "config changed: train.lr" in proc.stdout
 
     proc = run_megaflow("run", str(path), "sft.train.lr=1.0e-3", "--only", "sft", cwd=root)
