@@ -116,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse a file whose invalid UTF-8 sequences and NUL bytes pass this share of its bytes "
                         "(a binary file or another encoding; default: 0.01, 1 accepts anything)")
 
+    p = sub.add_parser("curate", help="filter and deduplicate raw text (quality filters, exact and MinHash dedup)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Stream text, jsonl(.gz) or parquet files through FineWeb's quality filters (HF datatrove: "
+                                   "Gopher quality and repetition, C4, FineWeb line rules), a length and a language filter "
+                                   "(py3langid), exact dedup (normalised text) and MinHash LSH near-dedup, into DIR/*.jsonl.gz. "
+                                   "DIR/summary.json counts what each filter removed; DIR/examples.jsonl keeps a few removed "
+                                   "documents per reason.",
+                       epilog="examples:\n"
+                              "  megaflow curate --input corpus.jsonl --output curated\n"
+                              "  megaflow curate --input a.txt b.parquet --output curated --workers 8 filters.c4=null minhash.threshold=0.7\n"
+                              "  megaflow curate --config configs/stages/curate-tiny.yaml executor=slurm slurm.partition=cpu\n"
+                              "every key: docs/curation.md")
+    p.add_argument("--input", nargs="+", metavar="FILE", help="files or directories of them (or `input` in --config)")
+    p.add_argument("--output", metavar="DIR", help="the curated shards' directory (default: run.dir/curate/data)")
+    p.add_argument("--workers", type=_at_least(1), metavar="N", help="local processes (default 1)")
+    p.add_argument("--config", metavar="CFG.yaml", help="a curate stage file (configs/stages/curate-tiny.yaml)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. filters.gopher_quality.min_doc_words=20 exact=false")
+
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Evaluate a final or training checkpoint on a text file or indexed dataset.")
     p.add_argument("ckpt", help="a final/ directory or a checkpoints/iter_N directory")
@@ -299,6 +318,37 @@ def _cmd_preprocess(args) -> int:
     )
     print(stats.summary())
     return 0
+
+
+def _cmd_curate(args) -> int:
+    from megaflow.config.loader import load_config
+    from megaflow.config.schema import CurateStageConfig
+
+    # `--input a.jsonl filters.c4=null`: argparse hands the override to --input; a key=value that is no
+    # file is an override
+    moved = [x for x in args.input or [] if "=" in x and not os.path.exists(x)]
+    args.input = [x for x in args.input or [] if x not in moved] or None
+    args.overrides = [*moved, *args.overrides]
+    given = {k: v for k, v in {"input": args.input, "output": args.output, "workers": args.workers}.items() if v}
+    defaults = {"stage": "curate"} if args.config or args.input else {"stage": "curate", "input": []}
+    cfg = load_config(args.config, [*args.overrides, *_dotted(given)], defaults=defaults, schema=CurateStageConfig)
+    from megaflow.algorithms.curate import STAGE
+    from megaflow.data.curate import submit_slurm
+
+    out = STAGE.output(cfg)
+    if cfg.executor == "slurm":
+        submit_slurm(cfg, out)
+        return 0
+    from megaflow.data.curate import curate
+
+    summary = curate(cfg, out, log=(lambda m: print(m, file=sys.stderr)) if args.json else print)
+    print(json.dumps(summary.__dict__) if args.json else summary.line())
+    return 0
+
+
+def _dotted(values: dict) -> list[str]:
+    """Command-line options as overrides (they win over --config), values as JSON (valid YAML)."""
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
 def _cmd_eval(args) -> int:
@@ -538,7 +588,8 @@ def _cmd_convert(args) -> int:
 
 
 COMMANDS = {
-    "run": _cmd_run, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "eval": _cmd_eval,
+    "run": _cmd_run, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "curate": _cmd_curate,
+    "eval": _cmd_eval,
     "inspect": _cmd_inspect, "plan": _cmd_plan, "convert": _cmd_convert, "generate": _cmd_generate, "chat": _cmd_chat,
     "score": _cmd_score,
 }

@@ -46,9 +46,14 @@ class Pretrain(TrainingStage):
         super().check(cfg)
         from megaflow.data.pretrain import indexed_prefix_of
 
-        for i, src in enumerate(cfg.data.train):  # a raw file, or an indexed .bin/.idx prefix
+        from megaflow.data.readers import expand_inputs
+
+        for i, src in enumerate(cfg.data.train):  # a raw file, a directory of them, or an indexed .bin/.idx prefix
             if indexed_prefix_of(src.path) is None and Path(src.path).is_dir():
-                raise UserError(f"data.train[{i}].path: a directory, not a text file or indexed prefix: {src.path}")
+                try:
+                    expand_inputs([src.path])
+                except UserError as e:
+                    raise UserError(f"data.train[{i}].path: {e}") from None
 
     def prepare(self, cfg: StageConfig, tokenizer, tokenizer_dir: str, init_dir: Path | None) -> Work:
         from megaflow.data.pretrain import build_datasets, consumed_per_dataset

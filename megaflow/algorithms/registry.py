@@ -12,6 +12,7 @@ from megaflow.algorithms.base import Stage
 
 # name -> module holding STAGE; in pipeline order (a pipeline may run any subset its references allow)
 STAGES: dict[str, str] = {
+    "curate": "megaflow.algorithms.curate",
     "tokenizer": "megaflow.algorithms.tokenizer",
     "preprocess": "megaflow.algorithms.preprocess",
     "pretrain": "megaflow.algorithms.pretrain",

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from megaflow.config.schema import StageConfig
 from megaflow.errors import UserError
@@ -109,17 +109,20 @@ def format_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{got}" if loc else msg
 
 
-def validate(raw: dict[str, Any]) -> StageConfig:
+def validate(raw: dict[str, Any], schema: type[BaseModel] = StageConfig) -> Any:
+    """`raw` as a `schema` (a training stage's StageConfig unless told); a ConfigError naming the key."""
     try:
-        return StageConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] = (), defaults: dict[str, Any] | None = None
-) -> StageConfig:
-    """Load a stage config: defaults < extends chain < file < preset fill-in < overrides, then validate."""
+    path: str | Path | None, overrides: list[str] = (), defaults: dict[str, Any] | None = None,
+    schema: type[BaseModel] = StageConfig,
+) -> Any:
+    """Load a stage config: defaults < extends chain < file < preset fill-in < overrides, then validate
+    as `schema` (StageConfig, or another stage's such as CurateStageConfig)."""
     cfg = OmegaConf.create(defaults or {})
     if path is not None:
         cfg = OmegaConf.merge(cfg, load_yaml_tree(path))
@@ -129,7 +132,7 @@ def load_config(
         raw = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config interpolation: {str(e).splitlines()[0]}") from None
-    return validate(raw)
+    return validate(raw, schema)
 
 
 def dump_config(cfg: StageConfig) -> str:

@@ -6,7 +6,7 @@ ignored setting. Cross-section rules (TP divides heads, sequence fits the model)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -468,6 +468,66 @@ class TokenizerStageConfig(Section):
     input: list[str] = Field(min_length=1)
     vocab_size: int = Field(4096, ge=260)
     field: str = "text"
+
+
+class MinhashSettings(Section):
+    """Near-duplicate removal by MinHash LSH over word n-grams (megaflow/data/curate.py): a pair of Jaccard
+    similarity s becomes a candidate with probability 1 - (1 - s^rows)^bands."""
+
+    n_grams: int = Field(5, ge=1)  # words per shingle
+    bands: int = Field(20, ge=1)
+    rows: int | None = Field(None, ge=1)  # hashes per band; None: round(ln(1/bands) / ln(threshold))
+    threshold: float = Field(0.8, gt=0, lt=1)  # where the S-curve's midpoint sits, (1/bands)^(1/rows)
+    seed: int = 1
+
+    def rows_per_band(self) -> int:
+        import math
+
+        return self.rows or max(1, round(math.log(1.0 / self.bands) / math.log(self.threshold)))
+
+
+class CurateFilters(Section):
+    """The quality filters, each a dict of its options (datatrove's names for its own filters) or null to
+    skip it. The defaults are FineWeb's recipe; docs/curation.md lists every option."""
+
+    length: dict[str, Any] | None = Field(default_factory=lambda: {"min_words": 5, "max_words": 100_000})
+    language: dict[str, Any] | None = Field(default_factory=lambda: {"languages": ["en"], "min_score": 0.65})
+    gopher_repetition: dict[str, Any] | None = Field(default_factory=dict)
+    gopher_quality: dict[str, Any] | None = Field(default_factory=dict)
+    c4: dict[str, Any] | None = Field(default_factory=lambda: {"filter_no_terminal_punct": False})
+    fineweb: dict[str, Any] | None = Field(default_factory=dict)
+
+
+class SlurmExecutorSettings(Section):
+    """datatrove's SLURM executor for `curate.executor: slurm`: every step an sbatch array of `tasks` jobs."""
+
+    partition: str | None = None
+    tasks: int = Field(64, ge=1)
+    time: str = "4:00:00"
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: int = Field(2, ge=1)
+    venv_path: str | None = None  # activated in each job (default: the job inherits the submitting shell's)
+    sbatch_args: dict[str, str] = Field(default_factory=dict)
+
+
+class CurateStageConfig(Section):
+    """The pipeline's `curate` stage and `megaflow curate`: quality filters, exact and near dedup ->
+    run.dir/curate/data/*.jsonl.gz (or `output`), summary.json and examples.jsonl beside the shards."""
+
+    stage: Literal["curate"] = "curate"
+    run: RunConfig = Field(default_factory=RunConfig)
+    input: list[str] = Field(min_length=1)
+    output: str | None = None  # default: run.dir/curate/data
+    field: str = "text"
+    split_documents_on: Literal["blank_line", "none"] = "blank_line"
+    workers: int = Field(1, ge=1)
+    exact: bool = True
+    minhash: MinhashSettings | None = Field(default_factory=MinhashSettings)
+    filters: CurateFilters = Field(default_factory=CurateFilters)
+    examples: int = Field(5, ge=0)  # removed documents kept per filter reason, in examples.jsonl
+    language: str = "eng"  # the word tokenizer of the filters and shingles (datatrove's language codes)
+    executor: Literal["local", "slurm"] = "local"
+    slurm: SlurmExecutorSettings = Field(default_factory=SlurmExecutorSettings)
 
 
 class PreprocessStageConfig(Section):

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megaflow.data.readers import ReadStats, iter_documents
+from megaflow.data.readers import ReadStats, expand_inputs, iter_documents
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError, UserError
 
@@ -68,7 +68,7 @@ def preprocess(
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # ~5 s; not in workers
 
-    inputs = [str(p) for p in inputs]
+    inputs = expand_inputs([str(p) for p in inputs])  # a directory: its data files (a curate stage's shards)
     _check_inputs(inputs)
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}")

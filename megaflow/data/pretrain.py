@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from megaflow.config.schema import StageConfig
+from megaflow.data.readers import expand_inputs
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError
 from megaflow.runtime import distributed as dist
@@ -43,11 +44,12 @@ def indexed_prefix_of(path: str) -> str | None:
     return None
 
 
-def _cache_key(path: Path, tokenizer_dir: str, field: str, split: str) -> str:
-    st = path.stat()
+def _cache_key(files: list[str], tokenizer_dir: str, field: str, split: str) -> str:
+    stats = [(str(Path(f).resolve()), (st := Path(f).stat()).st_size, st.st_mtime_ns) for f in files]
     tok_file = Path(tokenizer_dir) / "tokenizer.json"
     tok_sig = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else str(tokenizer_dir)
-    raw = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, tok_sig, field, split])
+    raw = json.dumps([stats[0][0], stats[0][1], stats[0][2], tok_sig, field, split] if len(stats) == 1
+                     else [stats, tok_sig, field, split])
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -64,14 +66,15 @@ def indexed_prefixes(cfg: StageConfig, tokenizer_dir: str, log=dist.print_rank0)
         prefix = indexed_prefix_of(src.path)
         if prefix is None:
             path = Path(src.path)
-            if not path.is_file():
+            if not path.exists():
                 raise DataError(f"data.train[{i}].path: file not found: {src.path}")
-            key = _cache_key(path, tokenizer_dir, src.field, cfg.data.split_documents_on)
+            files = expand_inputs([str(path)])  # a directory: its data files, e.g. a curate stage's shards
+            key = _cache_key(files, tokenizer_dir, src.field, cfg.data.split_documents_on)
             prefix = str(cache_dir / f"{path.name.split('.')[0]}-{key}")
             # PREFIX.json is written last by preprocess: without it the pair may be half replaced
             if rank0 and not Path(prefix + ".json").is_file():
                 log(f"data: preprocessing {src.path} -> {prefix}.bin/.idx")
-                preprocess([str(path)], tokenizer_dir, prefix, workers=cfg.data.workers, field=src.field,
+                preprocess(files, tokenizer_dir, prefix, workers=cfg.data.workers, field=src.field,
                            split_documents_on=cfg.data.split_documents_on, invalid_utf8=cfg.data.invalid_utf8,
                            max_invalid_utf8=cfg.data.max_invalid_utf8)
         out.append((prefix, src.weight))

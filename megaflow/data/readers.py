@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterator
 from megaflow.errors import DataError, UserError
 
 SPLIT_MODES = ("blank_line", "none")
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt", ".txt.gz")
 INVALID_UTF8_MODES = ("replace", "error")
 
 
@@ -41,6 +42,28 @@ def input_format(path: str | os.PathLike) -> str:
     if name.endswith(".parquet"):
         return "parquet"
     return "text"
+
+
+def expand_inputs(paths: list[str]) -> list[str]:
+    """Files as given; a directory stands for its data files (jsonl[.gz], parquet, txt[.gz]), sorted, and
+    the output of `megaflow curate` for the shards its summary.json lists (not its removed examples)."""
+    out = []
+    for p in map(str, paths):
+        summary = Path(p) / "summary.json"
+        if summary.is_file():
+            try:
+                shards = json.loads(summary.read_text())["shards"]
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{summary}: not a curate summary (no list of shards)") from None
+            out += [str(Path(p) / Path(s).name) for s in shards]
+        elif os.path.isdir(p):
+            found = sorted(str(f) for f in Path(p).iterdir() if f.is_file() and f.name.lower().endswith(DATA_SUFFIXES))
+            if not found:
+                raise DataError(f"{p}: a directory with no data files ({', '.join(DATA_SUFFIXES)})")
+            out += found
+        else:
+            out.append(p)
+    return out
 
 
 def iter_documents(

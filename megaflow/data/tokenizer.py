@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from megaflow.data.readers import ReadStats, iter_documents
+from megaflow.data.readers import ReadStats, expand_inputs, iter_documents
 from megaflow.errors import DataError
 
 # Reserved at ids 0..6 of every tokenizer megaflow trains, so SFT chat formatting never grows the vocabulary.
@@ -293,6 +293,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str, field: str 
     """
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+    inputs = expand_inputs(list(inputs))  # a directory: its data files (a curate stage's shards)
     if not inputs:
         raise DataError("tokenizer training needs at least one input file")
     smallest = 256 + len(SPECIAL_TOKENS)
