@@ -335,7 +335,7 @@ def _cmd_curate(args) -> int:
     from megaflow.algorithms.curate import STAGE
     from megaflow.data.curate import submit_slurm
 
-    out = STAGE.output(cfg)
+    out = cfg.output or STAGE.output(cfg)
     if cfg.executor == "slurm":
         submit_slurm(cfg, out)
         return 0

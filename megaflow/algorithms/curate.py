@@ -17,15 +17,18 @@ class CurateStage(Stage):
     def inputs(self, cfg: CurateStageConfig) -> dict[str, str]:
         return {f"input[{i}]": path for i, path in enumerate(cfg.input)}
 
-    def output(self, cfg: CurateStageConfig) -> Path:
-        return Path(cfg.output) if cfg.output else self.stage_dir(cfg) / "data"
+    def output(self, cfg) -> Path:
+        return self.stage_dir(cfg) / "data"  # run.dir alone decides it (the pipeline resolves references so)
 
     def check(self, cfg: CurateStageConfig) -> None:
-        if cfg.executor != "local":
-            from megaflow.errors import UserError
+        from megaflow.errors import UserError
 
-            raise UserError("curate.executor: a pipeline stage runs locally; submit SLURM jobs with "
+        if cfg.executor != "local":
+            raise UserError("executor: a pipeline's curate stage runs locally; submit SLURM jobs with "
                             "`megaflow curate ... executor=slurm` (docs/curation.md)")
+        if cfg.output is not None:
+            raise UserError("output: a pipeline's curate stage writes run.dir/curate/data; `output` is for "
+                            "`megaflow curate`")
 
     def result(self, cfg: CurateStageConfig) -> dict | None:
         import json

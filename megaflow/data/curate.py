@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from megaflow.config.schema import CurateStageConfig
+from megaflow.config.schema import CurateFilters, CurateStageConfig
 from megaflow.data.readers import expand_inputs
 from megaflow.errors import DataError, UserError
 
-FILTERS = ("length", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb")
+FILTERS = tuple(CurateFilters.model_fields)  # in the order they run: cheap ones first
 
 
 # --- the math --------------------------------------------------------------------------------------
@@ -88,9 +88,9 @@ def check_settings(s: CurateStageConfig) -> None:
 def validate_inputs(s: CurateStageConfig) -> int:
     """Read every input once with megaflow's readers (a bad line is a DataError naming file:line); the
     number of documents. Runs before any output exists, so bad input leaves nothing half-written."""
-    from megaflow.data.readers import iter_documents
-
     import zlib
+
+    from megaflow.data.readers import iter_documents
 
     n = 0
     for p in expand_inputs(s.input):
@@ -124,7 +124,7 @@ def stages(s: CurateStageConfig, work: Path, out: Path) -> list[tuple[str, list,
     from megaflow.data import curate_steps as steps
 
     tasks = s.workers if s.executor == "local" else s.slurm.tasks
-    hashing = HashConfig(precision=64, hash_fc="sha1")  # xxhash 4 changed the API datatrove 0.10 calls
+    hashing = HashConfig(precision=64, hash_fc="sha1")  # datatrove 0.10's xxhash path wants xxhash < 4
     examples = work / "examples"
 
     def writer(folder: Path):
@@ -167,7 +167,10 @@ def stages(s: CurateStageConfig, work: Path, out: Path) -> list[tuple[str, list,
 
 
 def _language_kwarg(name: str, s: CurateStageConfig) -> dict:
-    return {"language": s.language} if name in ("gopher_repetition", "gopher_quality", "c4", "fineweb") else {}
+    """datatrove's filters take the language of their word tokenizer; megaflow's own two do not."""
+    import inspect
+
+    return {"language": s.language} if "language" in inspect.signature(_filter_class(name).__init__).parameters else {}
 
 
 # --- running -----------------------------------------------------------------------------------------

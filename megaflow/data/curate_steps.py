@@ -140,6 +140,6 @@ class SampleWriter(JsonlWriter):
             super().write(document, rank, **kwargs)
 
 
-# name in megaflow's config -> the filter; the order is the order they run in (cheap ones first)
+# name in megaflow's config (schema.CurateFilters, whose field order is the order they run in) -> the filter
 FILTER_CLASSES = {"length": LengthFilter, "language": LanguageFilter, "gopher_repetition": GopherRepetitionFilter,
                   "gopher_quality": GopherQualityFilter, "c4": C4QualityFilter, "fineweb": FineWebQualityFilter}
