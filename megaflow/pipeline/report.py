@@ -13,6 +13,7 @@ from megaflow.pipeline.state import State
 
 # the headline metrics of each stage's own result, in the order the report shows them
 HEADLINE = {
+    "curate": ("documents_in", "documents_out", "exact_duplicates", "near_duplicates"),
     "tokenizer": ("vocab_size",),
     "preprocess": ("documents", "tokens"),
     "pretrain": ("valid_ppl", "unigram_ppl", "valid_loss"),
