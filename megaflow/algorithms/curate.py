@@ -15,7 +15,7 @@ class CurateStage(Stage):
     summary = "filter and deduplicate raw text into jsonl.gz shards"
 
     def inputs(self, cfg: CurateStageConfig) -> dict[str, str]:
-        return {f"input[{i}]": path for i, path in enumerate(cfg.input)}
+        return {f"input[{i}]": path for i, path in enumerate(cfg.input)} | ({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {})
 
     def output(self, cfg) -> Path:
         return self.stage_dir(cfg) / "data"  # run.dir alone decides it (the pipeline resolves references so)
@@ -49,8 +49,8 @@ class CurateStage(Stage):
 
 def metrics(summary: dict) -> dict:
     """The numbers of a curation summary that pipeline.json and the report keep."""
-    out = {k: summary[k] for k in ("documents_in", "documents_out", "words_in", "words_out", "exact_duplicates",
-                                    "near_duplicates")}
+    out = {k: summary[k] for k in ("documents_in", "documents_out", "words_in", "words_out", "tokens_in", "tokens_out",
+                                    "exact_duplicates", "near_duplicates") if k in summary}
     return out | {f"removed_{k}": v for k, v in summary["removed"].items() if k not in ("exact_duplicate", "near_duplicate")}
 
 

@@ -525,6 +525,7 @@ class CurateStageConfig(Section):
     minhash: MinhashSettings | None = Field(default_factory=MinhashSettings)
     filters: CurateFilters = Field(default_factory=CurateFilters)
     examples: int = Field(5, ge=0)  # removed documents kept per filter reason, in examples.jsonl
+    tokenizer: str | None = None  # a tokenizer directory: the summary counts its tokens in and out too
     language: str = "eng"  # the word tokenizer of the filters and shingles (datatrove's language codes)
     executor: Literal["local", "slurm"] = "local"
     slurm: SlurmExecutorSettings = Field(default_factory=SlurmExecutorSettings)

@@ -73,6 +73,8 @@ def check_settings(s: CurateStageConfig) -> None:
         bands, rows = s.minhash.bands, s.minhash.rows_per_band()
         if bands * rows > 4096:
             raise UserError(f"minhash: {bands} bands x {rows} rows = {bands * rows} hashes per document; keep it under 4096")
+    if s.tokenizer is not None and not Path(s.tokenizer).exists():
+        raise UserError(f"tokenizer: not found: {s.tokenizer}")
     if s.executor == "slurm" and not s.slurm.partition:
         raise UserError("slurm.partition: the SLURM executor needs a partition")
     inputs = expand_inputs(s.input)
@@ -85,23 +87,36 @@ def check_settings(s: CurateStageConfig) -> None:
             raise DataError(f"{p}: not readable")
 
 
-def validate_inputs(s: CurateStageConfig) -> int:
+def validate_inputs(s: CurateStageConfig) -> tuple[int, int]:
     """Read every input once with megaflow's readers (a bad line is a DataError naming file:line); the
-    number of documents. Runs before any output exists, so bad input leaves nothing half-written."""
+    number of documents and (with `tokenizer`) of tokens. Runs before any output exists, so bad input
+    leaves nothing half-written."""
     import zlib
 
     from megaflow.data.readers import iter_documents
 
-    n = 0
+    count = _token_counter(s)
+    n = tokens = 0
     for p in expand_inputs(s.input):
         try:
-            for _ in iter_documents(p, field=s.field, split_documents_on=s.split_documents_on):
+            for text in iter_documents(p, field=s.field, split_documents_on=s.split_documents_on):
                 n += 1
+                tokens += count(text)
         except (OSError, EOFError, zlib.error) as e:  # a damaged .gz, an unreadable parquet
             raise DataError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
     if n == 0:
         raise DataError(f"{', '.join(s.input)}: no documents (empty input)")
-    return n
+    return n, tokens
+
+
+def _token_counter(s: CurateStageConfig):
+    """len(tokenizer.encode(text)) with the configured tokenizer, or 0 without one."""
+    if s.tokenizer is None:
+        return lambda text: 0
+    from megaflow.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(s.tokenizer)
+    return lambda text: len(tok.encode(text))
 
 
 # --- datatrove steps ---------------------------------------------------------------------------------
@@ -182,6 +197,8 @@ class CurateSummary:
     documents_out: int = 0
     words_in: int = 0
     words_out: int = 0
+    tokens_in: int = 0  # with `tokenizer` set, else 0
+    tokens_out: int = 0
     removed: dict[str, int] = field(default_factory=dict)  # filter name or duplicate kind -> documents
     reasons: dict[str, int] = field(default_factory=dict)  # filter name/reason -> documents
     exact_duplicates: int = 0
@@ -194,8 +211,9 @@ class CurateSummary:
     def line(self) -> str:
         kept = self.documents_out / max(self.documents_in, 1)
         removed = ", ".join(f"{k} {v}" for k, v in self.removed.items() if v)
+        tokens = (f", {self.tokens_in:,} -> {self.tokens_out:,} tokens" if self.tokens_in else "")
         return (f"curated {self.documents_in:,} documents ({self.words_in:,} words) -> {self.documents_out:,} "
-                f"({self.words_out:,} words, {kept:.1%} kept) in {self.seconds:.1f}s; removed: {removed or 'none'}")
+                f"({self.words_out:,} words, {kept:.1%} kept{tokens}) in {self.seconds:.1f}s; removed: {removed or 'none'}")
 
 
 def curate(s: CurateStageConfig, output: str | Path, log=print) -> CurateSummary:
@@ -210,8 +228,8 @@ def curate(s: CurateStageConfig, output: str | Path, log=print) -> CurateSummary
     shutil.rmtree(tmp, ignore_errors=True)
     work = tmp / "work"
     try:
-        n_docs = validate_inputs(s)
-        summary = CurateSummary(documents_in=n_docs)
+        n_docs, n_tokens = validate_inputs(s)
+        summary = CurateSummary(documents_in=n_docs, tokens_in=n_tokens)
         plan = stages(s, work, tmp)
         for i, (name, pipeline, tasks) in enumerate(plan, 1):
             t0 = time.perf_counter()
@@ -312,9 +330,11 @@ def _summarize(s: CurateStageConfig, plan, work: Path, out: Path, summary: Curat
         summary.removed["near_duplicate"] = summary.near_duplicates
     summary.shards = sorted(p.name for p in out.glob("*.jsonl.gz"))
     summary.documents_out, summary.words_out = 0, 0
+    count = _token_counter(s)
     for rec in iter_output(out):
         summary.documents_out += 1
         summary.words_out += len(rec["text"].split())
+        summary.tokens_out += count(rec["text"])
     if s.minhash is not None:
         bands, rows = s.minhash.bands, s.minhash.rows_per_band()
         summary.minhash = {"bands": bands, "rows": rows, "n_grams": s.minhash.n_grams,

@@ -137,8 +137,12 @@ def test_each_filter_removes_its_bad_document_and_keeps_a_good_one(tmp_path, nam
 
 
 def test_outputs_are_deterministic_and_the_summary_complete(planted, tmp_path):
+    from megaflow.data.tokenizer import train_tokenizer
+
     _, corpus, _, _ = planted
-    cfg = _config(tmp_path, [corpus], filters=NO_FILTERS | {"length": {"min_words": 5}}, workers=2)
+    tok = train_tokenizer([str(corpus)], 300, str(tmp_path / "tok"))
+    cfg = _config(tmp_path, [corpus], filters=NO_FILTERS | {"length": {"min_words": 5}}, workers=2,
+                  tokenizer=str(tmp_path / "tok"))
     runs = []
     for out in (tmp_path / "a", tmp_path / "b"):
         summary, _ = _run(cfg, out)
@@ -147,6 +151,10 @@ def test_outputs_are_deterministic_and_the_summary_complete(planted, tmp_path):
     assert runs[0] == runs[1] and len(runs[0][0]) == 2  # one shard per worker, byte-identical text
     written = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert written["documents_in"] == 240 and written["words_in"] == 240 * 300
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    kept = [r["text"] for r in iter_output(tmp_path / "a")]
+    assert written["tokens_in"] == sum(len(tok.encode(t)) for t in texts)
+    assert written["tokens_out"] == sum(len(tok.encode(t)) for t in kept) < written["tokens_in"]
     assert written["removed"]["exact_duplicate"] == 30 and written["minhash"]["p_candidate"]["0.9"] > 0.99
     assert not (tmp_path / "a" / "work").exists() and not list(tmp_path.glob("*.tmp-*"))
 
