@@ -330,7 +330,9 @@ def _cmd_curate(args) -> int:
     args.input = [x for x in args.input or [] if x not in moved] or None
     args.overrides = [*moved, *args.overrides]
     given = {k: v for k, v in {"input": args.input, "output": args.output, "workers": args.workers}.items() if v}
-    defaults = {"stage": "curate"} if args.config or args.input else {"stage": "curate", "input": []}
+    if not (args.input or args.config or any(o.startswith("input=") for o in args.overrides)):
+        raise UserError("--input: give the files (or directories) to curate, or --config with an `input` list")
+    defaults = {"stage": "curate"}
     cfg = load_config(args.config, [*args.overrides, *_dotted(given)], defaults=defaults, schema=CurateStageConfig)
     from megaflow.algorithms.curate import STAGE
     from megaflow.data.curate import submit_slurm
