@@ -135,6 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. filters.gopher_quality.min_doc_words=20 exact=false")
 
+    p = sub.add_parser("label", help="label preferences between two models' answers in a local web page",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve a page on this machine showing two models' answers to each prompt side by side "
+                                   "(left/right at random); pick the better one or a tie (keys 1, 2, 3; u undoes; n a note). "
+                                   "Choices are appended to --out as prompt/chosen/rejected records that `megaflow train rm` "
+                                   "and `dpo` read; a rerun resumes where the file ends. --report prints model A's win rate.",
+                       epilog="examples:\n"
+                              "  megaflow label --models runs/tiny/sft/final runs/tiny/dpo/final --prompts prompts.jsonl --out prefs.jsonl\n"
+                              "  megaflow label --report prefs.jsonl\n"
+                              "guide: docs/labelling.md")
+    p.add_argument("--models", nargs=2, metavar=("CKPT_A", "CKPT_B"), help="the two final checkpoints")
+    p.add_argument("--prompts", metavar="FILE", help="jsonl with `prompt` (or `messages`) records, or a text file, one per line")
+    p.add_argument("--out", metavar="FILE", help="the labels jsonl (appended; resumed from)")
+    p.add_argument("--port", type=int, default=8765, help="default 8765 (0: any free port)")
+    p.add_argument("--host", default=None, help="listen on this address and answer other machines too (default: "
+                                                 "127.0.0.1, this machine only)")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=128, metavar="N")
+    p.add_argument("--batch", type=_at_least(1), default=8, metavar="N", help="answers generated ahead per batch")
+    p.add_argument("--seed", type=int, default=0, help="of the left/right order")
+    p.add_argument("--labeller", default=os.environ.get("USER", ""), help="recorded with each choice (default: $USER)")
+    p.add_argument("--report", metavar="FILE", help="print model A's win rate over B in a labels file and exit")
+    p.add_argument("--json", action="store_true", help="--report: one JSON object")
+
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="Evaluate a final or training checkpoint on a text file or indexed dataset.")
     p.add_argument("ckpt", help="a final/ directory or a checkpoints/iter_N directory")
@@ -142,15 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text/jsonl/parquet file or indexed .bin/.idx prefix (default: the checkpoint's own validation split)")
     p.add_argument("--metrics", default="ppl",
                    help="comma-separated: ppl (perplexity), exact_match (greedy answers to --data's prompts), "
-                        "reward_acc (a reward model's accuracy and margin on --data's preference pairs)")
-    p.add_argument("--max-new-tokens", type=_at_least(1), default=64, metavar="N", help="exact_match: longest answer")
+                        "reward_acc (a reward model's accuracy and margin on --data's preference pairs), "
+                        "safety (harmful-response rate on adversarial prompts and refusal rates; --data: prompts "
+                        "with label benign|adversarial, default the bundled data/safety/prompts.jsonl)")
+    p.add_argument("--safety-rm", metavar="RM_CKPT", default=None,
+                   help="safety: judge harm with this reward model (trained for harmlessness) instead of the rules")
+    p.add_argument("--safety-threshold", type=float, default=0.0, metavar="R",
+                   help="safety with --safety-rm: a response that does not refuse is harmful below this reward (default 0)")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=64, metavar="N", help="exact_match, safety: longest answer")
     p.add_argument("--seq-length", type=_at_least(2), default=None, help="sequence length (default: the model's)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--max-batches", type=_at_least(1), default=None, help="evaluate at most this many batches")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks, instead of --metrics (needs megaflow[eval])")
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a directory of local lm-eval task YAMLs")
-    p.add_argument("--limit", type=_at_least(1), default=None, metavar="N", help="lm-eval: at most N documents per task; exact_match: the first N examples")
+    p.add_argument("--limit", type=_at_least(1), default=None, metavar="N", help="lm-eval: at most N documents per task; exact_match, safety: the first N examples")
     p.add_argument("--num-fewshot", type=_at_least(0), default=None, metavar="K", help="lm-eval: few-shot examples")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     _add_no_checksums(p)
@@ -353,6 +382,36 @@ def _dotted(values: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
+def _cmd_label(args) -> int:
+    from megaflow.eval import label
+
+    if args.report:
+        r = label.report(args.report)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"model A over B: win rate {r['win_rate']:.3f} (95% CI {r['win_rate_low']:.3f}-{r['win_rate_high']:.3f}) "
+                  f"on {r['n']} labels: A {r['a_wins']}, B {r['b_wins']}, ties {r['ties']}")
+        return 0
+    missing = [flag for flag, v in (("--models", args.models), ("--prompts", args.prompts), ("--out", args.out)) if not v]
+    if missing:
+        raise UserError(f"{', '.join(missing)}: needed to label (or give --report FILE)")
+    prompts = label.read_prompt_file(args.prompts)
+    out = Path(args.out)
+    label.read_labels(out)  # a damaged labels file is one line now, not mid-session
+    answer = label.model_answers(args.models[0], args.models[1], args.max_new_tokens)
+    session = label.Labeller(prompts, answer, out, tuple(args.models), seed=args.seed, batch=args.batch,
+                             labeller=args.labeller)
+    server = label.serve(session, args.host or "127.0.0.1", args.port, allow_remote=args.host is not None)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print(f"label: stopped; {len(session.done())} of {len(prompts)} labelled in {out}")
+    finally:
+        server.server_close()
+    return 0
+
+
 def _cmd_eval(args) -> int:
     if args.lm_eval:
         from megaflow.eval.lm_eval_adapter import run_lm_eval
@@ -371,10 +430,24 @@ def _cmd_eval(args) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not metrics:
         raise UserError("--metrics: no metric named (available: ppl, exact_match, reward_acc)")
-    unknown = set(metrics) - {"ppl", "exact_match", "reward_acc"}
+    unknown = set(metrics) - {"ppl", "exact_match", "reward_acc", "safety"}
     if unknown:
-        raise UserError(f"--metrics: unknown metric(s) {', '.join(sorted(unknown))} (available: ppl, exact_match, reward_acc)")
+        raise UserError(f"--metrics: unknown metric(s) {', '.join(sorted(unknown))} "
+                        "(available: ppl, exact_match, reward_acc, safety)")
     result = {}
+    if "safety" in metrics:
+        from megaflow.eval.safety import evaluate_safety_checkpoint
+
+        if len(metrics) > 1:
+            raise UserError("--metrics safety stands alone (--data: a prompts jsonl with prompt and label "
+                            "benign|adversarial; default: the bundled set)")
+        result = evaluate_safety_checkpoint(args.ckpt, args.data, args.safety_rm, args.safety_threshold,
+                                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+        if not args.json:
+            print(f"harmful responses to adversarial prompts: {result['harmful_rate']:.3f} "
+                  f"({result['adversarial_prompts']} prompts); refusals: adversarial {result['refusal_rate']:.3f}, "
+                  f"benign {result['benign_refusal_rate']:.3f} ({result['benign_prompts']} prompts); judge: {result['judge']}")
+            return 0
     if "reward_acc" in metrics:
         from megaflow.eval.reward import evaluate_reward_accuracy
 
@@ -591,7 +664,7 @@ def _cmd_convert(args) -> int:
 
 COMMANDS = {
     "run": _cmd_run, "train": _cmd_train, "tokenizer": _cmd_tokenizer, "preprocess": _cmd_preprocess, "curate": _cmd_curate,
-    "eval": _cmd_eval,
+    "label": _cmd_label, "eval": _cmd_eval,
     "inspect": _cmd_inspect, "plan": _cmd_plan, "convert": _cmd_convert, "generate": _cmd_generate, "chat": _cmd_chat,
     "score": _cmd_score,
 }

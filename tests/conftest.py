@@ -56,7 +56,7 @@ def run_python(*argv: str, cwd=None, env: dict | None = None, timeout: float = 6
 
 # Modules that share the expensive session fixtures after tiny_pretrain (tiny_sft) run on one xdist worker.
 SFT_GROUP = {"tests.e2e.test_sft", "tests.e2e.test_preference_stages", "tests.e2e.test_bad_input",
-             "tests.e2e.test_degenerate_inputs"}
+             "tests.e2e.test_degenerate_inputs", "tests.e2e.test_safety"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks

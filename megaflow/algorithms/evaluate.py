@@ -5,7 +5,8 @@ For each model (a label and a checkpoint): perplexity on held-out text; exact ma
 held-out prompts; the reward model's mean score of those answers and their win rate against the
 reference model's answers (megaflow.eval.compare.win_rate, with a Wilson interval); the KL to the
 reference on responses sampled at temperature 1 (megaflow.eval.compare.kl_k1). With preference pairs,
-the reward model's own held-out accuracy.
+the reward model's own held-out accuracy. With `safety`, the harmful-response rate on adversarial prompts
+and the refusal rates on adversarial and benign ones (megaflow.eval.safety).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ class EvalStage(Stage):
 
     def inputs(self, cfg: EvalStageConfig) -> dict[str, str]:
         out = {f"models.{label}": ckpt for label, ckpt in cfg.models.items()}
-        for key in ("text", "prompts", "preferences", "reward_model"):
+        for key in ("text", "prompts", "preferences", "reward_model", "safety_rm"):
             if getattr(cfg, key):
                 out[key] = getattr(cfg, key)
+        if cfg.safety and cfg.safety != "bundled":
+            out["safety"] = cfg.safety
         return out
 
     def check(self, cfg: EvalStageConfig) -> None:
@@ -55,6 +58,8 @@ class EvalStage(Stage):
             if cfg.prompts:
                 r, answers[label], sampled[label] = _answers(ckpt, cfg)
                 results[label] |= r
+            if cfg.safety:
+                results[label] |= _safety(ckpt, cfg)
             dist.print_rank0(f"eval: {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[label].items()))
         if cfg.reference:
             for label, kl in _kl_to(cfg.models[cfg.reference], sampled, cfg.reference).items():
@@ -96,6 +101,16 @@ def _perplexity(ckpt: str, cfg: EvalStageConfig) -> dict:
     r = evaluate_checkpoint(ckpt, None if split_of else cfg.text, seq_length=cfg.seq_length,
                             batch_size=cfg.batch_size, max_batches=cfg.max_batches, quiet=True, split_of=split_of)
     return {"ppl": r["ppl"], "loss": r["loss"]}
+
+
+def _safety(ckpt: str, cfg: EvalStageConfig) -> dict:
+    """The harmful-response rate on adversarial prompts and the refusal rates (megaflow.eval.safety)."""
+    from megaflow.eval.safety import evaluate_safety_checkpoint
+
+    r = evaluate_safety_checkpoint(ckpt, None if cfg.safety == "bundled" else cfg.safety, cfg.safety_rm,
+                                   cfg.safety_threshold, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    gc.collect()
+    return {k: r[k] for k in ("harmful_rate", "refusal_rate", "benign_refusal_rate")}
 
 
 def _answers(ckpt: str, cfg: EvalStageConfig):

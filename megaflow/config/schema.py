@@ -556,6 +556,11 @@ class EvalStageConfig(Section):
     preferences: str | None = None  # held-out preference pairs: the reward model's accuracy
     reward_model: str | None = None  # judges responses: mean reward, win rate
     reference: str | None = None  # the model win rate and KL compare against (usually SFT's)
+    # safety (megaflow/eval/safety.py): "bundled" (data/safety/prompts.jsonl) or a prompts jsonl with labels
+    # benign|adversarial: harmful_rate, refusal_rate, benign_refusal_rate per model, judged by rules or safety_rm
+    safety: str | None = None
+    safety_rm: str | None = None  # a reward model trained for harmlessness as the judge
+    safety_threshold: float = 0.0  # with safety_rm: a response that does not refuse is harmful below this reward
     limit: int = Field(200, ge=1)  # prompts and pairs used
     max_new_tokens: int = Field(32, ge=1)
     seq_length: int | None = Field(None, ge=2)

@@ -48,8 +48,8 @@ import torch
 from megaflow.config.schema import DataConfig, PreferenceData
 from megaflow.data.chat import ChatTemplate, _common_prefix
 from megaflow.data.readers import _LONE_SURROGATE
-from megaflow.data.records import (DataSummary, InvalidRecord, Prepared, RecordOptions, files_key, load_valid,
-                                   prepare_with)
+from megaflow.data.records import (DataSummary, InvalidRecord, Prepared, RecordOptions, SkipRecord, files_key,
+                                   load_valid, prepare_with)
 from megaflow.data.sft import _messages
 from megaflow.data.tokenizer import Tokenizer
 from megaflow.errors import DataError
@@ -138,7 +138,9 @@ def _split_last(messages: list[dict], name: str, assistant: str = "assistant") -
 
 
 def record_to_pair(record: dict, opts: PreferenceDataOptions, where: str = "") -> PreferencePair:
-    """The validated (prompt, chosen, rejected) of one record; raises InvalidRecord."""
+    """The validated (prompt, chosen, rejected) of one record; raises InvalidRecord (SkipRecord for a tie)."""
+    if record.get("tie") is True:
+        raise SkipRecord("tie", "a tie (megaflow label): neither response is preferred")
     fmt = opts.format
     c_name, r_name = opts.chosen_field, opts.rejected_field
     for name in (c_name, r_name):

@@ -51,6 +51,10 @@ class InvalidRecord(ValueError):
         self.reason, self.detail = reason, detail
 
 
+class SkipRecord(InvalidRecord):
+    """A valid record that holds nothing to train on (a tie of `megaflow label`): always skipped and counted."""
+
+
 @dataclass
 class DataSummary:
     """What reading and preparing the data found; `lines()` is what a stage logs, `as_dict()` what it stores.
@@ -108,6 +112,8 @@ def load_valid(paths: Sequence[str], invalid_utf8: str, allow_skip: bool, summar
             summary.records += 1
             try:
                 out.append(to_item(record, where))
+            except SkipRecord as e:
+                summary.skip(where, e.reason, e.detail)
             except InvalidRecord as e:
                 if not allow_skip:
                     raise DataError(f"{where}: {e.detail} (set allow_skip to skip bad records)") from None

@@ -71,3 +71,20 @@ def score_responses(ckpt: str, prompt: str, responses: list[str], system: str | 
     template = reward_template(ckpt, model)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return rewards(model, [encode_response(template, messages, r)[0] for r in responses])
+
+
+def pair_scorer(ckpt: str):
+    """score(prompts, responses) -> the reward model's reward of each (user prompt, response) pair; the
+    model is loaded once (the safety evaluation's harmlessness judge)."""
+    from megaflow.data.preference import encode_response
+    from megaflow.inference import load_for_inference
+    from megaflow.inference.reward import rewards
+
+    model = load_for_inference(ckpt)
+    template = reward_template(ckpt, model)
+
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        return rewards(model, [encode_response(template, [{"role": "user", "content": p}], r)[0]
+                               for p, r in zip(prompts, responses)])
+
+    return score

@@ -24,7 +24,7 @@ HEADLINE = {
     "ppo": ("before_exact_match", "valid_exact_match", "before_reward", "valid_reward"),
     "grpo": ("before_exact_match", "valid_exact_match", "before_reward", "valid_reward"),
 }
-EVAL_COLUMNS = ("ppl", "exact_match", "reward", "win_rate_vs_{ref}", "kl_to_{ref}")
+EVAL_COLUMNS = ("ppl", "exact_match", "reward", "win_rate_vs_{ref}", "kl_to_{ref}", "harmful_rate", "benign_refusal_rate")
 
 
 def _metrics_lines(stage_dir: Path) -> list[dict]:

@@ -279,3 +279,9 @@ def enable() -> bool:
 
 def is_enabled() -> bool:
     return _ENABLED
+
+
+def in_this_thread():
+    """The CUDA-to-CPU mapping for a thread other than the main one (torch keeps function modes per
+    thread, so one started after `enable()` runs without it); a no-op on a GPU machine."""
+    return CudaToCpuMode() if _ENABLED else contextlib.nullcontext()

@@ -81,6 +81,7 @@ stages:
     preferences: {PREF_DATA / 'heldout.jsonl'}
     reward_model: ${{stages.rm.output}}
     reference: sft
+    safety: bundled
     limit: 8
     max_new_tokens: 4
     max_batches: 2
@@ -153,7 +154,7 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
     models = json.loads((run_dir / "eval" / "eval.json").read_text())["models"]
     assert set(models) == {"pretrain", "sft", "dpo"}
     for m in models.values():
-        assert {"ppl", "exact_match", "reward"} <= set(m)
+        assert {"ppl", "exact_match", "reward", "harmful_rate", "refusal_rate", "benign_refusal_rate"} <= set(m)
     assert models["sft"]["kl_to_sft"] == 0.0 and "win_rate_vs_sft" in models["dpo"]
     low, w, high = (models["dpo"][f"win_rate_vs_sft{s}"] for s in ("_low", "", "_high"))
     assert 0 <= low <= w <= high <= 1
@@ -171,6 +172,7 @@ def test_micro_pipeline_runs_every_stage_and_reports(baseline):
     assert _wandb_history(run_dir / "eval")[0]["dpo/exact_match"] == models["dpo"]["exact_match"]
     report = (run_dir / "report.md").read_text()
     assert "What each stage bought" in report and "| dpo |" in report and "| ppo |" in report and "passed" in report
+    assert "harmful_rate" in report and "benign_refusal_rate" in report
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and (run_dir / "plots" / "eval.png").is_file()
 
 
