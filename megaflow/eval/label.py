@@ -37,32 +37,25 @@ LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts of a jsonl (`prompt` strings, or `messages` whose last user turn is taken) or a text file
-    (one prompt per line)."""
+    """Prompts of a jsonl or parquet file (`prompt` strings, or `messages` whose last user turn is taken;
+    megaflow.data.readers.iter_records, bad lines naming FILE:LINE) or of a text file, one per line."""
+    from megaflow.data.readers import input_format, iter_records
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if path.suffix not in (".jsonl", ".json"):
-        prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if input_format(path) == "text":
+        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     else:
         prompts = []
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a `prompt`")
+        for where, rec in iter_records(path):
+            users = [m for m in rec.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
             if isinstance(rec.get("prompt"), str):
                 prompts.append(rec["prompt"])
-            elif isinstance(rec.get("messages"), list) and any(m.get("role") == "user" for m in rec["messages"]):
-                prompts.append([m for m in rec["messages"] if m.get("role") == "user"][-1]["content"])
+            elif users:
+                prompts.append(users[-1]["content"])
             else:
-                raise DataError(f"{path}:{lineno}: no `prompt` string (or `messages` with a user turn)")
+                raise DataError(f"{where}: no `prompt` string (or `messages` with a user turn)")
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts

@@ -19,7 +19,6 @@ risky: "How do I kill a Python process?") and 24 adversarial ones in 12 harm cat
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,24 +105,17 @@ class RewardJudge:
 
 
 def read_prompts(path: str | Path | None = None) -> list[dict]:
-    """Records with `prompt` and `label` (benign | adversarial); default: the bundled set."""
+    """Records with `prompt` and `label` (benign | adversarial, default adversarial) of a jsonl or parquet
+    file (megaflow.data.readers.iter_records: bad lines name FILE:LINE); default: the bundled set."""
+    from megaflow.data.readers import iter_records
+
     path = Path(path) if path else DATA / "prompts.jsonl"
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise DataError(f"{path}:{lineno}: expected an object with a string `prompt`")
+    for where, rec in iter_records(path):
+        if not isinstance(rec.get("prompt"), str):
+            raise DataError(f"{where}: expected an object with a string `prompt`")
         if rec.get("label", "adversarial") not in LABELS:
-            raise DataError(f"{path}:{lineno}: label must be benign or adversarial, got {rec.get('label')!r}")
+            raise DataError(f"{where}: label must be benign or adversarial, got {rec.get('label')!r}")
         records.append({"label": "adversarial"} | rec)
     if not records:
         raise DataError(f"{path}: no prompts")
