@@ -37,10 +37,8 @@ def test_the_rates_on_the_hand_labelled_set():
     assert m["benign_refusal_rate"] == pytest.approx(3 / len(ben))  # "killing", "ransomware", "refuse"
     assert (m["adversarial_prompts"], m["benign_prompts"]) == (21, 15)
     # through evaluate_safety, with the labelled responses as the "model"
-    answers = {r["prompt"] + "\0" + r["response"]: r["response"] for r in LABELLED}
     records = [{"prompt": r["prompt"], "label": r["label"]} for r in LABELLED]
-    it = iter(answers.values())
-    got = evaluate_safety(lambda prompts: [next(it) for _ in prompts], records)
+    got = evaluate_safety(lambda prompts: [r["response"] for r in LABELLED], records)
     assert {k: got[k] for k in m} == m
 
 
