@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -382,6 +383,10 @@ def _dotted(values: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _cmd_label(args) -> int:
     from megaflow.eval import label
 
@@ -403,6 +408,7 @@ def _cmd_label(args) -> int:
     session = label.Labeller(prompts, answer, out, tuple(args.models), seed=args.seed, batch=args.batch,
                              labeller=args.labeller)
     server = label.serve(session, args.host or "127.0.0.1", args.port, allow_remote=args.host is not None)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops it as Ctrl-C does
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -48,8 +48,13 @@ def test_label_two_models_then_train_a_reward_model_on_the_labels(workdir, tiny_
             state = _post(url + "api/choose", {"item": state["item"], "pick": pick})["next"]
         assert state["done"] and state["progress"] == {"done": 8, "total": 8}
     finally:
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
+        # SIGTERM, not SIGINT: a shell starting pytest in the background leaves SIGINT ignored in its children
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rest, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
     assert proc.returncode == 0 and "8 of 8 labelled" in rest, err[-2000:]
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(records) == 8 and sum(r["tie"] for r in records) == 1
