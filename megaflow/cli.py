@@ -311,7 +311,7 @@ def _cmd_train(args) -> int:
     before = stage.run_dir_entries(run_dir) if rank0 else set()
     try:
         registry.get(args.stage).run(cfg)
-    except UserError as e:
+    except UserError:
         if rank0 and (left := stage.tidy_after_error(run_dir, before, args.stage)):
             print(f"megaflow: note: kept what the stage made before the error, reused by the next run: "
                   f"{', '.join(map(str, left))}", file=sys.stderr)

@@ -113,7 +113,7 @@ def test_cli_train_help_lists_stages_and_options():
     assert "--config" in proc.stdout and "--nproc-per-node" in proc.stdout
 
 
-@pytest.mark.parametrize("tool", ["bench_sft.py", "bench_checkpoint.py", "bench_pretrain.py"])
+@pytest.mark.parametrize("tool", ["bench_sft.py", "bench_checkpoint.py", "bench_pretrain.py", "profile_step.py"])
 def test_benchmark_tools_explain_themselves(tool):
     import subprocess
     import sys
