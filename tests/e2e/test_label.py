@@ -1,9 +1,8 @@
-"""`megaflow label` with the tiny pretrained and SFT models, driven over HTTP as the page's script does;
-the labels file then feeds a pipeline whose rm stage trains on it. Bad input (prompts that are not JSON, a
-checkpoint that does not load, a port in use) is one line each.
-
-A browser test of the page itself (headless Chromium) needs a Chromium on the machine, which these
-machines do not have: tests/unit/test_label.py checks the page's escaping, buttons and keys as HTML."""
+"""`megaflow label` with the tiny pretrained and SFT models: driven over HTTP as the page's script does, and
+the page itself in a headless Chromium (Qt WebEngine from the PyQt6-WebEngine wheel, tests/e2e/label_browser.py:
+real clicks and key presses, undo, a reload that resumes); its labels file then feeds a pipeline whose rm
+stage trains on it. Bad input (prompts that are not JSON, a checkpoint that does not load, a port in use)
+is one line each. tests/unit/test_label.py checks the page's escaping, buttons and keys as HTML."""
 
 from __future__ import annotations
 
@@ -29,37 +28,106 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_label_two_models_then_train_a_reward_model_on_the_labels(workdir, tiny_pretrain, tiny_sft, tmp_path):
+def _start(workdir, models, tmp_path, n=8):
+    """`megaflow label` on n held-out prompts; returns (process, url, prompts file, labels file)."""
     prompts = tmp_path / "prompts.jsonl"
-    heldout = (REPO / "data/sample/sft-words/heldout.jsonl").read_text().splitlines()[:8]
+    heldout = (REPO / "data/sample/sft-words/heldout.jsonl").read_text().splitlines()[:n]
     prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n" for line in heldout))
     out = tmp_path / "prefs.jsonl"
-    models = [str(tiny_pretrain / "final"), str(tiny_sft / "final")]
     cmd = [sys.executable, "-m", "megaflow", "label", "--models", *models, "--prompts", str(prompts), "--out", str(out),
            "--port", "0", "--max-new-tokens", "8", "--batch", "4"]
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"})
+    line = proc.stdout.readline()
+    match = re.search(r"(http://\S+/)", line)
+    if not match:
+        proc.kill()
+        raise AssertionError(f"no address in {line!r}: {proc.stderr.read()[-2000:]}")
+    return proc, match.group(1), prompts, out
+
+
+def _stop(proc) -> str:
+    """SIGTERM (not SIGINT: a shell starting pytest in the background leaves SIGINT ignored in its children);
+    returns the rest of stdout after checking the server said how far it got and exited 0."""
+    proc.send_signal(signal.SIGTERM)
     try:
-        line = proc.stdout.readline()
-        url = re.search(r"(http://\S+/)", line).group(1)
+        rest, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0 and "labelled" in rest, err[-2000:]
+    return rest
+
+
+def test_label_two_models_over_http(workdir, tiny_pretrain, tiny_sft, tmp_path):
+    models = [str(tiny_pretrain / "final"), str(tiny_sft / "final")]
+    proc, url, _, out = _start(workdir, models, tmp_path)
+    try:
         state = json.loads(urllib.request.urlopen(url + "api/next", timeout=300).read())
         assert state["progress"] == {"done": 0, "total": 8}
         for pick in ["left", "right", "left", "tie", "right", "left", "right", "left"]:
             state = _post(url + "api/choose", {"item": state["item"], "pick": pick})["next"]
         assert state["done"] and state["progress"] == {"done": 8, "total": 8}
     finally:
-        # SIGTERM, not SIGINT: a shell starting pytest in the background leaves SIGINT ignored in its children
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rest, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0 and "8 of 8 labelled" in rest, err[-2000:]
+        rest = _stop(proc)
+    assert "8 of 8 labelled" in rest
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(records) == 8 and sum(r["tie"] for r in records) == 1
     assert {r["model_a"] for r in records} == {models[0]} and {r["left"] for r in records} == {"A", "B"}
-    # the labels feed a pipeline: a reward model trained on them (the tie skipped and counted)
+
+
+# The browser session: every kind of input, an undo (then a different choice), a reload mid-way, a note.
+BROWSER_STEPS = [{"click": "pick-left"}, {"key": "2"}, {"key": "3"}, {"click": "pick-right"}, {"key": "u"},
+                 {"key": "1"}, {"reload": True}, {"note": "short and right"}, {"click": "pick-right"}, {"key": "1"},
+                 {"screenshot": "SHOT"}, {"click": "pick-tie"}, {"key": "2"}]
+PICKS = {"pick-left": "left", "pick-right": "right", "pick-tie": "tie", "undo": "undo",
+         "1": "left", "2": "right", "3": "tie", "u": "undo"}
+
+
+def test_the_page_in_headless_chromium_then_a_reward_model_on_the_labels(workdir, tiny_pretrain, tiny_sft, tmp_path):
+    pytest.importorskip("PyQt6.QtWebEngineWidgets", reason="the browser test needs the PyQt6-WebEngine wheel (test extra)")
+    models = [str(tiny_pretrain / "final"), str(tiny_sft / "final")]
+    proc, url, _, out = _start(workdir, models, tmp_path)
+    shot = tmp_path / "page.png"
+    steps = json.loads(json.dumps(BROWSER_STEPS).replace('"SHOT"', json.dumps(str(shot))))
+    try:
+        browser = subprocess.run([sys.executable, str(REPO / "tests/e2e/label_browser.py"), url, json.dumps(steps)],
+                                 check=False, capture_output=True, text=True, timeout=600)
+    finally:
+        rest = _stop(proc)
+    assert browser.returncode == 0 and "8 of 8 labelled" in rest, browser.stderr[-3000:]
+    seen = [json.loads(line) for line in browser.stdout.splitlines() if line.startswith("{")]
+    assert len(seen) == len(steps) + 1 and seen[-1]["before"]["progress"] == "8 of 8 labelled", browser.stdout[-3000:]
+    # what the person saw and picked, with the undone pick taken back
+    expected, undone = [], None
+    for step in seen[:-1]:
+        action, page = step["action"], step["before"]
+        pick = PICKS.get(action.get("click") or action.get("key"))
+        if pick == "undo":
+            undone = expected.pop()
+        elif pick:
+            expected.append({**page, "pick": pick})
+    by_index = {i: s["before"] for i, s in enumerate(seen)}
+    assert by_index[5]["prompt"] == undone["prompt"]  # after the undo the page shows the undone item again
+    assert by_index[7] == by_index[6]  # the reload resumes at the same item and progress
+    assert by_index[8]["note"] == "short and right"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = {r["prompt"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(records) == 8 == len(expected) and {e["prompt"] for e in expected} == set(records)
+    for e in expected:  # left/right randomisation undone: chosen is the text that was on the picked side
+        r = records[e["prompt"]]
+        assert r["tie"] == (e["pick"] == "tie")
+        if e["pick"] == "tie":
+            assert r["choice"] == "tie"
+            continue
+        shown = {"left": e["left"], "right": e["right"]}
+        other = "right" if e["pick"] == "left" else "left"
+        assert (r["chosen"], r["rejected"]) == (shown[e["pick"]], shown[other])
+        on_left = r["left"]
+        assert r["choice"] == (on_left if e["pick"] == "left" else {"A": "B", "B": "A"}[on_left])
+        assert r["note"] == ("short and right" if e["note"] == "short and right" else "")
+    assert sum(r["tie"] for r in records.values()) == 2 and {r["left"] for r in records.values()} == {"A", "B"}
+    # the labels feed a pipeline: a reward model trained on them (the ties skipped and counted)
     pipeline = tmp_path / "labels.yaml"
     pipeline.write_text(f"""
 run: {{name: labels, dir: {tmp_path / 'run'}}}
@@ -68,12 +136,12 @@ stages:
     config: {REPO / 'configs/stages/rm-tiny.yaml'}
     init_from: {models[1]}
     data: {{train: [{{path: {out}}}], preference: {{valid: []}}}}
-    train: {{steps: 3, warmup_steps: 1, micro_batch_size: 4, global_batch_size: 4}}
+    train: {{steps: 3, warmup_steps: 1, micro_batch_size: 3, global_batch_size: 3}}
     eval: {{final: false}}
 """)
     proc = run_megaflow("run", str(pipeline), cwd=workdir)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "skipped 1: 1 tie" in proc.stdout + proc.stderr  # the tie, skipped and counted in the data summary
+    assert "skipped 2: 2 tie" in proc.stdout + proc.stderr  # the ties, skipped and counted in the data summary
     assert (tmp_path / "run" / "rm" / "final").is_dir()
 
 
