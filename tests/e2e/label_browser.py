@@ -8,7 +8,7 @@ ACTIONS_JSON is a list of steps; each prints one JSON line with the page as it w
 has changed:
 
     {"click": "pick-left"}       a left click in the middle of the element with that id
-    {"key": "2"}                 one key press (a character)
+    {"key": "2"}                 one key press (a character), after a click on the page's progress line
     {"note": "text"}             press n, type the text into the note field, then Escape
     {"reload": true}             reload the page (the server resumes from its file)
     {"screenshot": "PATH"}       save the window as a PNG
@@ -32,7 +32,8 @@ from PyQt6.QtTest import QTest
 from PyQt6.QtWebEngineWidgets import QWebEngineView
 from PyQt6.QtWidgets import QApplication
 
-TIMEOUT = 300.0  # the first item waits for both models' first batch of answers
+FIRST_ITEM_TIMEOUT = 300.0  # the first item waits for both models' first batch of answers
+TIMEOUT = 60.0
 
 
 def pump(ms: int) -> None:
@@ -71,13 +72,21 @@ def load(view: QWebEngineView, url: str | None) -> None:
     view.load(QUrl(url)) if url else view.reload()
     loop.exec()
     view.loadFinished.disconnect(loop.quit)
-    wait_for("the page's item", lambda: js(view, "document.getElementById('prompt').textContent.length > 0"))
+    wait_for("the page's item", lambda: js(view, "document.getElementById('prompt').textContent.length > 0"),
+             FIRST_ITEM_TIMEOUT)
 
 
 def click(view: QWebEngineView, element_id: str) -> None:
     rect = json.loads(js(view, f"JSON.stringify(document.getElementById({element_id!r}).getBoundingClientRect())"))
     point = QPoint(int(rect["x"] + rect["width"] / 2), int(rect["y"] + rect["height"] / 2))
     QTest.mouseClick(view.focusProxy(), Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, point)
+
+
+def focus_page(view: QWebEngineView) -> None:
+    """Click on the progress line (no handler there), as a person clicks into the window before typing: after
+    a reload the page does not always have the keyboard focus yet."""
+    click(view, "progress")
+    wait_for("the page's keyboard focus", lambda: js(view, "document.hasFocus() && document.activeElement === document.body"))
 
 
 def main(url: str, actions: list[dict]) -> int:
@@ -98,6 +107,7 @@ def main(url: str, actions: list[dict]) -> int:
             view.grab().save(action["screenshot"])
             continue
         if "note" in action:
+            focus_page(view)
             QTest.keyClick(view.focusProxy(), "n")
             wait_for("the note field's focus", lambda: js(view, "document.activeElement.id === 'note'"))
             QTest.keyClicks(view.focusProxy(), action["note"])
@@ -107,6 +117,7 @@ def main(url: str, actions: list[dict]) -> int:
         if "click" in action:
             click(view, action["click"])
         else:
+            focus_page(view)
             QTest.keyClick(view.focusProxy(), action["key"])
         old = before["progress"]
         wait_for(f"the progress to move after {action}", lambda old=old: page_state(view)["progress"] != old)
